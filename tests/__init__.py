@@ -1,0 +1,1 @@
+"""Tests for mailsys, run with trial."""
