@@ -1,0 +1,233 @@
+"""
+The C{mailsys} command: what an administrator runs next to the server.
+
+C{mailsys [--config FILE] COMMAND ...} reads the same configuration as
+C{twistd mailsys} (the development instance under C{./var} when no file is
+given) and works on the same files, so a user added here can log in to a
+running server at once.  Every mistake (a bad file, an unknown user, an
+invalid address) is one line on stderr and exit status 2, never a
+traceback.
+
+New commands are one function each that adds a subparser and sets
+C{run=}; append it to L{COMMANDS}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from mailsys import config as configuration
+from mailsys.accounts import AccountError, UserStore, maildir_path
+from mailsys.addresses import MailAddress
+from mailsys.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+# Exit statuses: 2 for anything the administrator can fix by changing the
+# command or the files (argparse uses 2 for usage errors too), 1 for the
+# system refusing (permissions, a full disk).
+EXIT_USER_ERROR = 2
+EXIT_SYSTEM_ERROR = 1
+
+
+class CommandError(Exception):
+    """A problem with how the command was used; C{str()} is one line."""
+
+
+# --- user -------------------------------------------------------------------
+
+
+def _user_store(cfg: Config) -> UserStore:
+    """The user directory of C{cfg}, refusing new users in foreign domains."""
+    return UserStore(cfg.users_file, cfg.domains)
+
+
+def _read_new_password() -> str:
+    """
+    A new password: the first line of stdin when it is not a terminal (so
+    scripts can pipe it in), otherwise typed twice without echo.
+    """
+    stdin = sys.stdin
+    if stdin is not None and stdin.isatty():
+        try:
+            first = getpass.getpass("Password: ")
+            second = getpass.getpass("Repeat password: ")
+        except EOFError:  # Ctrl-D at the prompt
+            raise CommandError("no password given") from None
+        if first != second:
+            raise CommandError("passwords do not match")
+        return first
+    try:
+        line = stdin.readline() if stdin is not None else ""
+    except UnicodeDecodeError:
+        raise CommandError("password on standard input is not valid UTF-8") from None
+    if not line:
+        raise CommandError("no password on standard input")
+    # Only the line ending goes: spaces may be part of the password.
+    if line.endswith("\n"):
+        line = line[:-1]
+        if line.endswith("\r"):
+            line = line[:-1]
+    return line
+
+
+def _create_maildir(mail_dir: Path, address: MailAddress) -> Path:
+    """
+    Create C{<mail_dir>/<domain>/<local>/{cur,new,tmp}}, private to the
+    server's user, so that the mailbox exists before the first message.
+    """
+    path = maildir_path(mail_dir, address)
+    mail_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for directory in (path.parent, path, path / "cur", path / "new", path / "tmp"):
+        directory.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def _user_add(cfg: Config, args: argparse.Namespace) -> int:
+    """Add a user (asking for the password only once the address is known good)."""
+    store = _user_store(cfg)
+    address = store.check_address(args.address)
+    if store.exists(address):
+        raise AccountError(f"user {address} already exists")
+    store.add(str(address), _read_new_password())
+    maildir = _create_maildir(cfg.mail_dir, address)
+    print(f"added {address} (mailbox {maildir})")
+    return 0
+
+
+def _user_passwd(cfg: Config, args: argparse.Namespace) -> int:
+    """Change a user's password (asking for it only if the user exists)."""
+    store = _user_store(cfg)
+    address = store.parse(args.address)
+    if not store.exists(address):
+        raise AccountError(f"no such user: {address}")
+    store.set_password(str(address), _read_new_password())
+    print(f"password changed for {address}")
+    return 0
+
+
+def _user_del(cfg: Config, args: argparse.Namespace) -> int:
+    """Remove a user, leaving their mail where it is."""
+    store = _user_store(cfg)
+    address = store.parse(args.address)
+    store.remove(str(address))
+    maildir = maildir_path(cfg.mail_dir, address)
+    print(f"removed {address}; their mail is left in {maildir}")
+    return 0
+
+
+def _user_list(cfg: Config, args: argparse.Namespace) -> int:
+    """Print every user, one address a line."""
+    for address in _user_store(cfg).addresses():
+        print(address)
+    return 0
+
+
+def add_user_commands(commands: _Subparsers) -> None:
+    """C{mailsys user add|passwd|del|list}."""
+    user = commands.add_parser("user", help="add, change, remove and list users")
+    actions = user.add_subparsers(dest="action", metavar="ACTION", required=True)
+    password_note = (
+        "The password is read from the first line of standard input when it is"
+        " not a terminal, otherwise prompted for twice."
+    )
+    add = actions.add_parser(
+        "add", help="add a user and create their mailbox", description=password_note
+    )
+    add.add_argument("address", help="local@domain, in one of our domains")
+    add.set_defaults(run=_user_add)
+    passwd = actions.add_parser(
+        "passwd", help="change a user's password", description=password_note
+    )
+    passwd.add_argument("address")
+    passwd.set_defaults(run=_user_passwd)
+    delete = actions.add_parser("del", help="remove a user (their mail stays on disk)")
+    delete.add_argument("address")
+    delete.set_defaults(run=_user_del)
+    listing = actions.add_parser("list", help="list users")
+    listing.set_defaults(run=_user_list)
+
+
+# --- check-config -------------------------------------------------------------
+
+
+def _check_config(cfg: Config, args: argparse.Namespace) -> int:
+    """Print the effective settings; loading them already validated them."""
+    print(configuration.describe(cfg), end="")
+    print(f"OK: {cfg.path if cfg.path is not None else 'development instance'}")
+    return 0
+
+
+def add_check_config_command(commands: _Subparsers) -> None:
+    """C{mailsys check-config}."""
+    check = commands.add_parser(
+        "check-config", help="validate the configuration and print every setting"
+    )
+    check.set_defaults(run=_check_config)
+
+
+# --- main ---------------------------------------------------------------------
+
+# Each adds one subparser whose C{run(config, args) -> int} does the work.
+COMMANDS: list[Callable[[_Subparsers], None]] = [
+    add_user_commands,
+    add_check_config_command,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: global options and one subparser per command."""
+    parser = argparse.ArgumentParser(
+        prog="mailsys", description="Administer a mailsys mail system."
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        type=Path,
+        help="configuration file (default: the development instance in ./var)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_command in COMMANDS:
+        add_command(commands)
+    return parser
+
+
+def _one_line(message: str) -> str:
+    """Control characters escaped, so an error is always exactly one line."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], message)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return the exit status instead of exiting."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed
+        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
+    try:
+        if args.config is None:
+            cfg = configuration.development(Path.cwd())
+        else:
+            cfg = configuration.load(args.config)
+        return int(args.run(cfg, args))
+    except (ConfigError, AccountError, CommandError) as e:
+        print(f"mailsys: {_one_line(str(e))}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"mailsys: {_one_line(f'{e.strerror or e}{where}')}", file=sys.stderr)
+        return EXIT_SYSTEM_ERROR
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
