@@ -1,0 +1,108 @@
+"""
+Connection admission for every listener: a cap on concurrent connections in
+total and per client address, and TCP_NODELAY on every accepted socket.
+
+Twisted never sets TCP_NODELAY, so each small reply to a pipelining client
+waits for the peer's delayed ACK (~40 ms on Linux).  And without a cap, one
+client can open connections until we run out of file descriptors.  Both
+belong to every protocol alike, so they live in one wrapping factory here
+instead of in each protocol.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+log = Logger(namespace="mailsys.connections")
+
+
+class _Refusal(Protocol):
+    """Says why the connection is refused (a protocol-specific line) and closes."""
+
+    def __init__(self, message: bytes) -> None:
+        self.message = message
+
+    def connectionMade(self) -> None:
+        if self.message:
+            self.transport.write(self.message)
+        self.transport.loseConnection()
+
+
+class _Counted(ProtocolWrapper):
+    def makeConnection(self, transport) -> None:
+        set_no_delay(transport)
+        super().makeConnection(transport)
+
+
+def set_no_delay(transport) -> None:
+    """Set TCP_NODELAY where the transport is TCP (directly or under TLS)."""
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is not None:
+        try:
+            setter(True)
+        except OSError:
+            pass
+
+
+def _client_host(addr) -> str:
+    return getattr(addr, "host", str(addr))
+
+
+class ConnectionLimits(WrappingFactory):
+    """
+    Wraps a listener's factory, refusing connections over the limits.
+
+    @param refusal: what to send a refused client before closing, such as
+        C{b"421 4.7.0 Too many connections\\r\\n"} for SMTP.  Empty for
+        implicit-TLS listeners (there is no plain-text channel to speak on).
+    """
+
+    protocol = _Counted
+
+    def __init__(
+        self,
+        wrappedFactory,
+        max_connections: int,
+        max_per_client: int,
+        refusal: bytes = b"",
+        service: str = "",
+    ) -> None:
+        super().__init__(wrappedFactory)
+        self.max_connections = max_connections
+        self.max_per_client = max_per_client
+        self.refusal = refusal
+        self.service = service
+        self.per_client: Counter[str] = Counter()
+
+    def buildProtocol(self, addr):
+        host = _client_host(addr)
+        if len(self.protocols) >= self.max_connections:
+            why = "total"
+        elif self.per_client[host] >= self.max_per_client:
+            why = "per client"
+        else:
+            self.per_client[host] += 1
+            protocol = super().buildProtocol(addr)
+            if protocol is None:
+                self._release(host)
+            return protocol
+        log.warn(
+            "{service}: refused connection from {client}: {why} connection limit",
+            service=self.service,
+            client=host,
+            why=why,
+        )
+        return _Refusal(self.refusal)
+
+    def unregisterProtocol(self, p) -> None:
+        super().unregisterProtocol(p)
+        self._release(_client_host(p.getPeer()))
+
+    def _release(self, host: str) -> None:
+        self.per_client[host] -= 1
+        if self.per_client[host] <= 0:
+            del self.per_client[host]

@@ -1,0 +1,183 @@
+"""
+The twistd entry point: C{twistd -n mailsys [--config FILE]}.
+
+L{Options} reads and validates the configuration (a bad file is one line on
+stderr and exit status 2, before anything starts); L{makeService} builds the
+service tree: one endpoint service per enabled listener, all sharing one
+user store, one maildir store and one TLS context.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from mailsys import config as configuration
+from mailsys.accounts import UserStore
+from mailsys.connections import ConnectionLimits
+from mailsys.maildir import MaildirStore
+from mailsys.routing import Router
+from mailsys.smtp.delivery import LocalDelivery
+from mailsys.smtp.server import ESMTPServerFactory
+from mailsys.tls import ServerTLS, TLSError, ensure_certificate
+
+log = Logger(namespace="mailsys")
+
+# Listeners this version serves; the others are reported and skipped.
+IMPLEMENTED = ("smtp",)
+
+
+def _fail(message: str) -> None:
+    """One line for the administrator, exit status 2, no traceback."""
+    sys.stderr.write(f"mailsys: {message}\n")
+    raise SystemExit(2)
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Run the mailsys mail system.  Without --config, run the development "
+        "instance for example.test with state under ./var on loopback ports."
+    )
+    optParameters = [
+        ["config", "c", None, "The TOML configuration file."],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            if self["config"]:
+                self.mailconfig = configuration.load(self["config"])
+            else:
+                self.mailconfig = configuration.development(Path.cwd())
+        except configuration.ConfigError as e:
+            _fail(str(e))
+
+
+class Listener(StreamServerEndpointService):
+    """
+    One listener.  A failure to listen (port in use, no permission) stops
+    the start-up instead of being logged and ignored, and L{listening}
+    gives the bound port to those who asked for port 0 (the tests).
+    """
+
+    def __init__(self, endpoint, factory) -> None:
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True
+
+    def bound(self) -> Deferred:
+        """A new Deferred firing with the IListeningPort once bound."""
+        d: Deferred = Deferred()
+
+        def tell(result):
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+            return result  # leave the service's own chain unchanged
+
+        self._waitingForPort.addBoth(tell)
+        return d
+
+
+class _SignalReload(Service):
+    """Reloads what can change under a running server on SIGHUP."""
+
+    def __init__(self, reactor, reloaders) -> None:
+        self.reactor = reactor
+        self.reloaders = reloaders
+        self._previous = None
+
+    def startService(self) -> None:
+        super().startService()
+        if hasattr(signal, "SIGHUP"):
+            self._previous = signal.signal(signal.SIGHUP, self._received)
+
+    def stopService(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+        return super().stopService()
+
+    def _received(self, signum, frame) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        log.info("SIGHUP: reloading")
+        for reload in self.reloaders:
+            reload()
+
+
+def makeService(options, reactor=None) -> MultiService:
+    """Build every enabled listener from the validated configuration."""
+    if reactor is None:
+        from twisted.internet import reactor  # noqa: F811
+    cfg = options.mailconfig if hasattr(options, "mailconfig") else options
+    return build(cfg, reactor)
+
+
+def build(cfg: configuration.Config, reactor) -> MultiService:
+    """The service tree for C{cfg}; listening starts with C{startService}."""
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    spool = cfg.state_dir / "tmp"
+    spool.mkdir(exist_ok=True, mode=0o700)
+    try:
+        if ensure_certificate(cfg.tls.cert, cfg.tls.key, cfg.server.hostname):
+            log.info("generated a self-signed certificate {cert}", cert=str(cfg.tls.cert))
+        tls = ServerTLS(cfg.tls.cert, cfg.tls.key)
+        tls.load()
+    except TLSError as e:
+        _fail(str(e))
+
+    users = UserStore(cfg.users_file, cfg.domains)
+    store = MaildirStore(cfg.mail_dir, cfg.server.hostname)
+    router = Router(cfg.domains, users.exists, cfg.aliases)
+
+    top = MultiService()
+    top.setName("mailsys")
+    _SignalReload(reactor, [tls.reload]).setServiceParent(top)
+
+    listeners = cfg.listen.enabled()
+    for name, description in listeners.items():
+        if name not in IMPLEMENTED:
+            log.warn("listener {name} is not available in this version", name=name)
+            continue
+        if name == "smtp":
+            delivery = LocalDelivery(router, store, cfg.server.hostname, reactor)
+            factory = ESMTPServerFactory(
+                delivery,
+                cfg.server.hostname,
+                cfg.limits,
+                reactor,
+                tls=tls.contextFactory(),
+                spool_dir=spool,
+            )
+            refusal = b"421 4.7.0 Too many connections, try again later\r\n"
+        limited = ConnectionLimits(
+            factory,
+            cfg.limits.max_connections,
+            cfg.limits.max_connections_per_client,
+            refusal=refusal,
+            service=name,
+        )
+        endpoint = serverFromString(reactor, description)
+        service = Listener(endpoint, limited)
+        service.setName(name)
+        service.setServiceParent(top)
+        log.info("{name} listening on {endpoint}", name=name, endpoint=description)
+
+    if cfg.path is None:
+        log.info(
+            "development instance for {domains}: state in {state}; add a user with "
+            "'mailsys user add alice@example.test', then send mail to port 2525",
+            domains=", ".join(cfg.domains),
+            state=str(cfg.state_dir),
+        )
+    return top
