@@ -22,20 +22,26 @@ client writes every line with CRLF and dot-stuffing.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
+import ipaddress
 import re
 import tempfile
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable
 
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from twisted.internet.interfaces import ISSLTransport, ITLSTransport
+from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from mailsys import limits
+from mailsys.accounts import IMailUser
 from mailsys.addresses import AddressError, MailAddress, parse_path
 from mailsys.config import LimitsSection
 from mailsys.smtp.framing import Line, LineFramer
@@ -62,6 +68,16 @@ _VERB = re.compile(rb"[A-Za-z]{1,16}\Z")
 _HELO_ARGUMENT = re.compile(r"[!-~]{1,255}\Z")
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _ENHANCED = re.compile(rb"[245]\.\d{1,3}\.\d{1,3} ")
+
+# RFC 4954 4: an AUTH command line, with its initial response, may be up to
+# 12288 octets; every other command stays within RFC 5321's 512.
+_AUTH_LINE = 12288
+
+# RFC 4954 4 and the LOGIN draft: the prompts Thunderbird and Outlook
+# expect, base64 of "Username:" and "Password:" (Twisted's default
+# "User Name\0" makes Thunderbird give up).
+_LOGIN_USERNAME = b"VXNlcm5hbWU6"
+_LOGIN_PASSWORD = b"UGFzc3dvcmQ6"
 
 
 class State(enum.Enum):
@@ -163,6 +179,10 @@ class ESMTPServer(smtp.ESMTP):
     delivery: ISMTPDelivery | None = None  # type: ignore[assignment]
     clock = None
     spool_dir: Path | None = None
+    portal = None  # twisted.cred Portal for AUTH, or None: no AUTH offered
+    require_auth = False  # submission: MAIL needs AUTH first (RFC 6409 4.3)
+    implicit_tls = False  # submissions: TLS from the first byte (RFC 8314)
+    allow_plaintext_auth = False  # AUTH before TLS, loopback clients only
 
     state: State = State.GREETED
     session: Session
@@ -176,6 +196,8 @@ class ESMTPServer(smtp.ESMTP):
         self._waiting = False
         self._paused = False
         self._previous_crlf = True
+        # While a SASL exchange runs, client lines are answers, not commands.
+        self._sasl: Callable[[str], None] | None = None
 
     # -- connection ---------------------------------------------------------
 
@@ -187,8 +209,12 @@ class ESMTPServer(smtp.ESMTP):
         peer = self.transport.getPeer()
         self.session = Session(client_host=getattr(peer, "host", str(peer)))
         self.host = self.hostname
-        self.canStartTLS = ITLSTransport.providedBy(self.transport) and self.ctx is not None
-        self.startedTLS = ISSLTransport.providedBy(self.transport)
+        self.startedTLS = self.implicit_tls
+        self.canStartTLS = (
+            not self.implicit_tls
+            and ITLSTransport.providedBy(self.transport)
+            and self.ctx is not None
+        )
         self.session.tls = self.startedTLS
         log.info(
             "connect from {client} session={session}",
@@ -204,6 +230,9 @@ class ESMTPServer(smtp.ESMTP):
         if self.message is not None:
             self.message.discard()
             self.message = None
+        if self._onLogout is not None:
+            self._onLogout()
+            self._onLogout = None
         self.setTimeout(None)
         log.info(
             "disconnect from {client} session={session}",
@@ -270,6 +299,8 @@ class ESMTPServer(smtp.ESMTP):
     def _lineLimit(self) -> int:
         if self.state is State.DATA:
             return limits.SMTP_TEXT_LINE
+        if self.portal is not None:
+            return _AUTH_LINE  # commands other than AUTH are checked after
         return limits.SMTP_COMMAND_LINE
 
     def _processInput(self) -> None:
@@ -279,6 +310,9 @@ class ESMTPServer(smtp.ESMTP):
                 break
             if self.state is State.DATA:
                 self._dataLine(line)
+            elif self._sasl is not None:
+                self.resetTimeout()
+                self._saslLine(line)
             else:
                 self.resetTimeout()
                 self._commandLine(line)
@@ -333,6 +367,9 @@ class ESMTPServer(smtp.ESMTP):
         if not _VERB.match(verb):
             self.reply(500, "5.5.2", "Syntax error, command unrecognized")
             return
+        if len(line.content) + 2 > limits.SMTP_COMMAND_LINE and verb.upper() != b"AUTH":
+            self.reply(500, "5.5.2", "Line too long")  # RFC 5321 4.5.3.1.4
+            return
         method = getattr(self, "smtp_" + verb.decode("ascii").upper(), None)
         if method is None:
             self.reply(500, "5.5.2", "Command unrecognized")
@@ -351,7 +388,18 @@ class ESMTPServer(smtp.ESMTP):
         ]
         if self.canStartTLS and not self.startedTLS:
             lines.append("STARTTLS")  # RFC 3207
+        if self._authAllowed():
+            # RFC 4954; Thunderbird ignores the old "AUTH=" form.
+            lines.append("AUTH PLAIN LOGIN")
         return lines
+
+    def _authAllowed(self) -> bool:
+        """AUTH only over TLS, or from loopback when so configured."""
+        if self.portal is None:
+            return False
+        if self.startedTLS:
+            return True
+        return self.allow_plaintext_auth and _is_loopback(self.session.client_host)
 
     def _hello(self, argument: str, esmtp: bool) -> None:
         if not _HELO_ARGUMENT.match(argument):
@@ -406,6 +454,7 @@ class ESMTPServer(smtp.ESMTP):
             self.startedTLS = True
             self._resetTransaction()
             self.session.helo = None
+            self.session.authenticated = None
             self.session.tls = True
             self.state = State.GREETED
             log.info(
@@ -447,6 +496,9 @@ class ESMTPServer(smtp.ESMTP):
         if self.state is not State.READY:
             self.reply(503, "5.5.1", "Nested MAIL command")
             return
+        if self.require_auth and self.session.authenticated is None:
+            self.reply(530, "5.7.0", "Authentication required")  # RFC 4954 6
+            return
         parsed = _parse_command_path("FROM:", rest)
         if parsed is None:
             self.reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
@@ -479,6 +531,8 @@ class ESMTPServer(smtp.ESMTP):
                     self.reply(501, "5.5.4", "Bad BODY parameter")
                     return
                 envelope.body = value.upper()
+            elif keyword == "AUTH" and self._authAllowed():
+                pass  # RFC 4954 5: accepted; we trust only our own AUTH
             else:
                 self.reply(555, "5.5.4", f"Unsupported parameter {keyword}")
                 return
@@ -587,6 +641,127 @@ class ESMTPServer(smtp.ESMTP):
         self.setTimeout(self.limits.data_timeout)
         self._write(354, "End data with <CR><LF>.<CR><LF>")
 
+    # -- AUTH (RFC 4954) ----------------------------------------------------
+
+    def smtp_AUTH(self, rest: str) -> None:
+        if self.portal is None:
+            self.reply(502, "5.5.1", "AUTH not available")
+            return
+        if not self._authAllowed():
+            self.reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+            return
+        if self.state is State.GREETED:
+            self.reply(503, "5.5.1", "Send EHLO first")
+            return
+        if self.session.authenticated is not None:
+            self.reply(503, "5.5.1", "Already authenticated")
+            return
+        if self.state is not State.READY:
+            self.reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
+            return
+        mechanism, _, initial = rest.partition(" ")
+        mechanism = mechanism.upper()
+        initial = initial.strip()
+        if mechanism == "PLAIN":
+            if initial:
+                self._saslPlain(initial)
+            else:
+                self._challenge(b"", self._saslPlain)
+        elif mechanism == "LOGIN":
+            if initial:
+                self._saslLoginUsername(initial)
+            else:
+                self._challenge(_LOGIN_USERNAME, self._saslLoginUsername)
+        else:
+            self.reply(504, "5.5.4", "Unrecognized authentication type")
+
+    def _challenge(self, challenge: bytes, step: Callable[[str], None]) -> None:
+        self._sasl = step
+        self._write(334, challenge)
+
+    def _saslLine(self, line: Line) -> None:
+        step, self._sasl = self._sasl, None
+        assert step is not None
+        if line.too_long or not line.crlf or line.bare_cr:
+            self.reply(500, "5.5.6", "Authentication exchange line is too long or malformed")
+            return
+        text = line.content.decode("ascii", "replace").strip()
+        if text == "*":
+            self.reply(501, "5.0.0", "Authentication aborted")  # RFC 4954 4
+            return
+        step(text)
+
+    def _decode(self, text: str) -> bytes | None:
+        if text == "=":
+            return b""  # RFC 4954 4: an empty initial response
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            self.reply(501, "5.5.2", "Cannot decode response")
+            return None
+
+    def _saslPlain(self, text: str) -> None:
+        decoded = self._decode(text)
+        if decoded is None:
+            return
+        parts = decoded.split(b"\0")
+        if len(parts) != 3:
+            self.reply(501, "5.5.2", "Malformed PLAIN response")
+            return
+        authzid, username, password = parts
+        if authzid and authzid != username:
+            # Acting as another user is not offered.
+            self._authFailed(username)
+            return
+        self._login(username, password)
+
+    def _saslLoginUsername(self, text: str) -> None:
+        username = self._decode(text)
+        if username is None:
+            return
+
+        def password_step(answer: str) -> None:
+            password = self._decode(answer)
+            if password is not None:
+                self._login(username, password)
+
+        self._challenge(_LOGIN_PASSWORD, password_step)
+
+    def _login(self, username: bytes, password: bytes) -> None:
+        assert self.portal is not None
+        d = self.portal.login(UsernamePassword(username, password), None, IMailUser)
+
+        def succeeded(result):
+            interface, avatar, logout = result
+            self.session.authenticated = avatar.address
+            self._onLogout = logout
+            log.info(
+                "AUTH ok user={user} client={client} session={session}",
+                user=avatar.address,
+                client=self.session.client_host,
+                session=self.session.session_id,
+            )
+            self.reply(235, "2.7.0", "Authentication successful")
+
+        def failed(failure):
+            if failure.check(UnauthorizedLogin):
+                self._authFailed(username)
+            else:
+                log.failure("authentication error", failure)
+                self.reply(454, "4.7.0", "Temporary authentication failure")
+
+        d.addCallbacks(succeeded, failed)
+        self._await(d)
+
+    def _authFailed(self, username: bytes) -> None:
+        log.info(
+            "AUTH failed user={user} client={client} session={session}",
+            user=username.decode("utf-8", "replace")[:100],
+            client=self.session.client_host,
+            session=self.session.session_id,
+        )
+        self.reply(535, "5.7.8", "Authentication credentials invalid")
+
     # -- DATA ---------------------------------------------------------------
 
     def _dataLine(self, line: Line) -> None:
@@ -655,6 +830,13 @@ class ESMTPServer(smtp.ESMTP):
 
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _parse_command_path(
     prefix: str, rest: str
 ) -> tuple[str, list[tuple[str, str | None]]] | None:
@@ -713,13 +895,31 @@ class ESMTPServerFactory(ServerFactory):
         clock,
         tls=None,
         spool_dir: Path | None = None,
+        portal=None,
+        require_auth: bool = False,
+        implicit_tls: bool = False,
+        allow_plaintext_auth: bool = False,
     ) -> None:
+        """
+        @param portal: a twisted.cred portal for AUTH (the user store's
+            checker and the mail realm); C{None} offers no AUTH.
+        @param require_auth: MAIL is refused until AUTH succeeds
+            (submission).
+        @param implicit_tls: the listener speaks TLS from the first byte
+            (submissions on 465); no STARTTLS is offered.
+        @param allow_plaintext_auth: offer AUTH before TLS to loopback
+            clients (development and local tests only).
+        """
         self.delivery = delivery
         self.hostname = hostname.encode("ascii")
         self.limits = limits
         self.clock = clock
         self.tls = tls
         self.spool_dir = spool_dir
+        self.portal = portal
+        self.require_auth = require_auth
+        self.implicit_tls = implicit_tls
+        self.allow_plaintext_auth = allow_plaintext_auth
 
     def buildProtocol(self, addr):
         p = self.protocol(contextFactory=self.tls)
@@ -729,4 +929,8 @@ class ESMTPServerFactory(ServerFactory):
         p.limits = self.limits
         p.clock = self.clock
         p.spool_dir = self.spool_dir
+        p.portal = self.portal
+        p.require_auth = self.require_auth
+        p.implicit_tls = self.implicit_tls
+        p.allow_plaintext_auth = self.allow_plaintext_auth
         return p
