@@ -154,3 +154,103 @@ class StoreBehindTheReplyTests(TestCase):
                     self.assertEqual(os.listdir(self.root / "example.test" / user / sub), [])
 
         return d.addCallback(check)
+
+
+class RecordingQueue:
+    """Stands in for OutboundQueue: records what would be queued."""
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[Envelope, bytes, list[str]]] = []
+
+    def enqueue(self, envelope, message, prefix, recipients):
+        from twisted.internet import defer
+
+        self.queued.append((envelope, prefix + message.read(), recipients))
+        return defer.succeed(None)
+
+
+class SubmissionPolicyTests(SynchronousTestCase):
+    """The submission port: who may send, as whom, to whom."""
+
+    def setUp(self) -> None:
+        from mailsys.smtp.delivery import SubmissionDelivery
+
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.router = Router(
+            ["example.test"],
+            lambda a: str(a) in USERS,
+            {"sales@example.test": ["alice@example.test"], "team@example.test": ["alice@example.test", "bob@example.test"]},
+        )
+        self.queue = RecordingQueue()
+        self.delivery = SubmissionDelivery(self.router, self.queue, "mail.example.test", self.clock)
+        self.session = Session(client_host="198.51.100.4", helo="laptop", esmtp=True, tls=True, authenticated="alice@example.test")
+
+    def envelope(self, sender: str) -> Envelope:
+        return Envelope(queue_id="QSUB", sender=parse_path(sender))
+
+    def test_interface(self):
+        """SubmissionDelivery provides ISMTPDelivery."""
+        self.assertTrue(verifyObject(ISMTPDelivery, self.delivery))
+
+    def test_sender_must_match(self):
+        """The envelope sender must be the user or an alias leading to them;
+        anything else gets 553 5.7.1."""
+        for sender in ("<alice@example.test>", "<sales@example.test>", "<team@example.test>"):
+            self.assertIsNone(self.delivery.validateFrom(self.session, self.envelope(sender)))
+        for sender in ("<bob@example.test>", "<ceo@bank.example>", "<>"):
+            e = self.assertRaises(Reply, self.delivery.validateFrom, self.session, self.envelope(sender))
+            self.assertEqual((e.code, e.status), (553, "5.7.1"))
+
+    def test_sender_check_can_be_off(self):
+        """With sender_must_match off, any sender is accepted from a user."""
+        self.delivery.sender_must_match = False
+        self.assertIsNone(self.delivery.validateFrom(self.session, self.envelope("<x@y.example>")))
+
+    def test_unauthenticated(self):
+        """Without AUTH, nothing is sent."""
+        self.session.authenticated = None
+        e = self.assertRaises(Reply, self.delivery.validateFrom, self.session, self.envelope("<alice@example.test>"))
+        self.assertEqual(e.code, 530)
+
+    def test_recipients(self):
+        """Foreign recipients are relayed; ours must exist."""
+        env = self.envelope("<alice@example.test>")
+        route = self.delivery.validateTo(self.session, env, parse_address("x@elsewhere.example"))
+        self.assertEqual(route.remote, (parse_address("x@elsewhere.example"),))
+        e = self.assertRaises(Reply, self.delivery.validateTo, self.session, env, parse_address("ghost@example.test"))
+        self.assertEqual(e.status, "5.1.1")
+
+    def test_queued_with_headers(self):
+        """Submitted mail is queued for every destination with a Received:
+        line and the Message-ID: and Date: the client left out."""
+        env = self.envelope("<alice@example.test>")
+        for r in ("x@elsewhere.example", "team@example.test"):
+            a = parse_address(r)
+            env.routes[a] = self.delivery.validateTo(self.session, env, a)
+            env.recipients.append(a)
+        body = b"Subject: hi\n\nbody\n"
+        self.delivery.deliver(self.session, env, io.BytesIO(body), len(body))
+        [(_, data, recipients)] = self.queue.queued
+        self.assertEqual(recipients, ["x@elsewhere.example", "alice@example.test", "bob@example.test"])
+        self.assertIn(b"Received: from laptop ([198.51.100.4])\n\tby mail.example.test (mailsys) with ESMTPSA id QSUB;", data)
+        self.assertIn(b"Message-ID: <QSUB.1800000000@mail.example.test>\n", data)
+        self.assertIn(b"Date: Fri, 15 Jan 2027 08:00:00 +0000\n", data)
+        self.assertTrue(data.endswith(body))
+        self.assertNotIn(b"Return-Path", data)
+
+    def test_existing_headers_kept_and_ip_hidden(self):
+        """A Message-ID and Date the client gave are kept, and with
+        hide_client_ip the Received: line does not show the client."""
+        self.delivery.hide_client_ip = True
+        env = self.envelope("<alice@example.test>")
+        a = parse_address("bob@example.test")
+        env.routes[a] = self.delivery.validateTo(self.session, env, a)
+        env.recipients.append(a)
+        body = b"message-id: <x@y>\nDATE: Mon, 1 Jan 2024 00:00:00 +0000\n\nbody\n"
+        self.delivery.deliver(self.session, env, io.BytesIO(body), len(body))
+        [(_, data, _)] = self.queue.queued
+        self.assertEqual(data.count(b"essage-ID:") + data.count(b"essage-id:"), 1)
+        self.assertNotIn(b"\nDate:", data)
+        self.assertNotIn(b"198.51.100.4", data)
+        self.assertIn(b"Received: from authenticated-user\n", data)
