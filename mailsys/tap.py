@@ -115,7 +115,40 @@ class _SignalReload(Service):
             reload()
 
 
-def makeService(options, reactor=None) -> MultiService:
+class MailSystem(MultiService):
+    """
+    The running mail system: its listeners as child services, and the
+    shared pieces they use (one user store, one maildir store, one router,
+    one TLS context), kept as attributes for operations and tests.
+    """
+
+    def __init__(self, cfg: configuration.Config) -> None:
+        super().__init__()
+        self.setName("mailsys")
+        self.config = cfg
+
+
+def alias_reloader(cfg: configuration.Config, router: Router):
+    """
+    Re-read the aliases from the configuration file (SIGHUP), keeping the
+    old ones if the file is now broken: a typo must not stop mail.
+    """
+
+    def reload() -> None:
+        if cfg.path is None:
+            return
+        try:
+            fresh = configuration.load(cfg.path)
+        except configuration.ConfigError as e:
+            log.error("reload: keeping the old aliases: {error}", error=str(e))
+            return
+        router.set_aliases(fresh.aliases)
+        log.info("reload: {n} aliases", n=len(fresh.aliases))
+
+    return reload
+
+
+def makeService(options, reactor=None) -> MailSystem:
     """Build every enabled listener from the validated configuration."""
     if reactor is None:
         from twisted.internet import reactor  # noqa: F811
@@ -123,7 +156,7 @@ def makeService(options, reactor=None) -> MultiService:
     return build(cfg, reactor)
 
 
-def build(cfg: configuration.Config, reactor) -> MultiService:
+def build(cfg: configuration.Config, reactor) -> MailSystem:
     """The service tree for C{cfg}; listening starts with C{startService}."""
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     spool = cfg.state_dir / "tmp"
@@ -140,9 +173,11 @@ def build(cfg: configuration.Config, reactor) -> MultiService:
     store = MaildirStore(cfg.mail_dir, cfg.server.hostname)
     router = Router(cfg.domains, users.exists, cfg.aliases)
 
-    top = MultiService()
-    top.setName("mailsys")
-    _SignalReload(reactor, [tls.reload]).setServiceParent(top)
+    top = MailSystem(cfg)
+    top.users, top.store, top.router, top.tls = users, store, router, tls
+    reloader = _SignalReload(reactor, [tls.reload, alias_reloader(cfg, router)])
+    reloader.setName("reload")
+    reloader.setServiceParent(top)
 
     listeners = cfg.listen.enabled()
     for name, description in listeners.items():

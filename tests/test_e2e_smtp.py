@@ -99,6 +99,42 @@ class ServiceTests(TestCase):
         self.assertEqual(os.listdir(path.parent.parent / "tmp"), [])
 
     @inlineCallbacks
+    def test_follow_by_queue_id(self):
+        """The logs let an operator follow a message by its queue id: the
+        MAIL, RCPT and delivered events all carry it, with the file name."""
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events: list[str] = []
+
+        def observe(event):
+            if event.get("log_namespace", "").startswith("mailsys"):
+                events.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as client:
+                client.ehlo("client.example")
+                client.mail("bob@remote.example")
+                client.rcpt("alice@example.test")
+                client.rcpt("nobody@example.test")
+                return client.data(bytes(message("traced")))
+
+        code, reply = yield deferToThread(send)
+        queue_id = reply.decode().rsplit(" ", 1)[-1]
+        mine = [e for e in events if queue_id in e]
+        self.assertTrue(any(e.startswith("MAIL from=<bob@remote.example>") for e in mine), events)
+        self.assertTrue(any(e.startswith("RCPT to=<alice@example.test> accepted") for e in mine))
+        self.assertTrue(any(e.startswith("RCPT to=<nobody@example.test> refused") for e in mine))
+        [delivered] = [e for e in mine if e.startswith("delivered")]
+        [path] = self.inbox()
+        self.assertIn(f"file={path.name}", delivered)
+        self.assertIn("to=<alice@example.test>", delivered)
+        self.assertTrue(any(e.startswith("connect from 127.0.0.1") for e in events))
+        self.assertTrue(any(e.startswith("EHLO client.example from 127.0.0.1") for e in events))
+
+    @inlineCallbacks
     def test_starttls_delivery(self):
         """STARTTLS works with the generated certificate, verified against
         itself, and the Received: header says ESMTPS."""
@@ -247,3 +283,33 @@ class TwistdTests(SynchronousTestCase):
             proc.terminate()
             out, err = proc.communicate(timeout=30)
         self.assertIn(b"smtp listening on", out + err)
+
+
+class ReloadTests(SynchronousTestCase):
+    """SIGHUP re-reads what may change under a running server."""
+
+    def test_aliases_reload(self):
+        """A new alias in the file works after a reload; a broken file keeps
+        the old aliases instead of stopping mail."""
+        from mailsys import config as configuration
+        from mailsys.addresses import parse_address
+        from mailsys.routing import UnknownRecipient
+
+        state = Path(self.mktemp()).resolve()
+        state.mkdir()
+        path = state / "mailsys.toml"
+        base = '[server]\nstate_dir = "."\n[domains]\nnames = ["example.test"]\n'
+        path.write_text(base)
+        UserStore(state / "users.json", ["example.test"], hasher=CHEAP).add("alice@example.test", "pw")
+        service = build(configuration.load(path), reactor)
+        reload = service.getServiceNamed("reload").reload
+        the_router = service.router
+        info = parse_address("info@example.test")
+        self.assertRaises(UnknownRecipient, the_router.resolve, info)
+        path.write_text(base + '[aliases]\n"info@example.test" = ["alice@example.test"]\n')
+        reload()
+        self.assertEqual(the_router.resolve(info).local, (parse_address("alice@example.test"),))
+        path.write_text(base + "[aliases]\nbroken")
+        reload()
+        self.assertEqual(the_router.resolve(info).local, (parse_address("alice@example.test"),))
+        self.flushLoggedErrors()
