@@ -61,6 +61,8 @@ class ConnectionLimits(WrappingFactory):
         implicit-TLS listeners (there is no plain-text channel to speak on).
     """
 
+    noisy = False  # our own connect/disconnect lines say more
+
     protocol = _Counted
 
     def __init__(

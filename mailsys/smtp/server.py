@@ -885,6 +885,8 @@ class ESMTPServerFactory(ServerFactory):
     @param tls: the TLS context factory offered with STARTTLS, or C{None}.
     """
 
+    noisy = False  # our own connect/disconnect lines say more
+
     protocol = ESMTPServer
 
     def __init__(
