@@ -1,0 +1,1 @@
+"""Hostile-input tests: each named after the attack it prevents."""
