@@ -62,7 +62,7 @@ ATTACKS = [
     (
         "directory traversal in the recipient",
         b"EHLO evil\r\nMAIL FROM:<>\r\nRCPT TO:<../../etc/passwd@example.test>\r\n",
-        {"last_code": b"550"},
+        {"last_code": b"553"},
     ),
     (
         "NUL bytes in a command",
