@@ -1138,11 +1138,13 @@ class ResolverTests(SynchronousTestCase):
         By default names are looked up as the system does: C{/etc/hosts}
         first, then the servers of C{/etc/resolv.conf}.
         """
-        resolver = make_resolver(Clock())
-        self.assertEqual(
-            [type(r) for r in resolver.resolvers], [HostsResolver, DNSClientResolver]
-        )
-        self.assertEqual(resolver.resolvers[1].resolv, b"/etc/resolv.conf")
+        clock = Clock()
+        resolver = make_resolver(clock)
+        self.assertEqual([type(r) for r in resolver.resolvers][0], HostsResolver)
+        self.assertIsInstance(resolver.resolvers[1], DNSClientResolver)
+        self.assertEqual(resolver.resolvers[1].resolv, "/etc/resolv.conf")
+        # Read once: nothing left scheduled to re-read it.
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_server(self) -> None:
         """An IP address and port means that server only; the port defaults to 53."""

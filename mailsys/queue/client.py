@@ -257,19 +257,35 @@ def _is_ip(host: str) -> bool:
     return isIPAddress(host) or isIPv6Address(host)
 
 
+class _SystemResolver(client.Resolver):
+    """
+    Twisted's resolver for the servers in C{/etc/resolv.conf}, read once at
+    start.  Twisted's own re-reads the file every minute from a timer that
+    nothing ever cancels, so a stopped mail system would leave it behind
+    (and it formats the path as bytes, a BytesWarning under C{python -b}).
+    """
+
+    def maybeParseConfig(self) -> None:
+        try:
+            with open(self.resolv, "rb") as conf:
+                self.parseConfig(conf)
+        except OSError:
+            self.parseConfig(())  # as Twisted: no file means 127.0.0.1
+
+
 def make_resolver(reactor, server: str = ""):
     """
     The DNS resolver for MX and address lookups.
 
     @param server: C{""} for the system's (C{/etc/hosts}, then the servers in
-        C{/etc/resolv.conf}, re-read when it changes); or C{"IP"} or
+        C{/etc/resolv.conf}, read at start); or C{"IP"} or
         C{"IP:port"} (C{"[IPv6]:port"}) to ask that one server only, as tests
         do with a loopback C{twisted.names} server.
     @raise ValueError: when C{server} is not an IP address with an optional
         port (a resolver cannot be found by name).
     """
     if not server:
-        system = client.Resolver(resolv=b"/etc/resolv.conf", reactor=reactor)
+        system = _SystemResolver(resolv="/etc/resolv.conf", reactor=reactor)
         return ResolverChain([hosts.Resolver(), system])
     try:
         host, port = _split_host_port(server, 53)
