@@ -18,6 +18,8 @@ import argparse
 import getpass
 import re
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -25,6 +27,9 @@ from mailsys import config as configuration
 from mailsys.accounts import AccountError, UserStore, maildir_path
 from mailsys.addresses import MailAddress
 from mailsys.config import Config, ConfigError
+from mailsys.queue.bounce import original_headers
+from mailsys.queue.runner import RESCAN_INTERVAL
+from mailsys.queue.spool import PENDING, QueueEntry, Spool, SpoolError
 
 if TYPE_CHECKING:
     _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -172,12 +177,226 @@ def add_check_config_command(commands: _Subparsers) -> None:
     check.set_defaults(run=_check_config)
 
 
+# --- queue --------------------------------------------------------------------
+#
+# These commands change the envelopes of the queue directory under the same
+# lock the running server writes them with (see mailsys.queue.spool), so
+# neither loses the other's changes.  The server re-reads the queue every
+# RESCAN_INTERVAL seconds and re-reads an entry before each attempt: a hold
+# or delete takes effect at once, a flush or release within that interval.
+
+
+def _spool(cfg: Config) -> Spool:
+    return Spool(cfg.state_dir / "queue", cfg.server.hostname)
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    moment = datetime.fromtimestamp(seconds, timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _size(path: Path) -> str:
+    try:
+        return str(path.stat().st_size)
+    except OSError:
+        return "?"
+
+
+def _entry(spool: Spool, queue_id: str) -> QueueEntry:
+    """The entry C{queue_id}, or a one-line error."""
+    try:
+        entry = spool.load(queue_id)
+    except SpoolError as e:
+        raise CommandError(str(e)) from None
+    if entry is None:
+        raise CommandError(f"no such queue entry: {queue_id}")
+    return entry
+
+
+def _change(
+    cfg: Config, queue_id: str, change: Callable[[QueueEntry], object]
+) -> QueueEntry:
+    """Apply C{change} to C{queue_id} under the queue lock, or a one-line error."""
+    spool = _spool(cfg)
+    _entry(spool, queue_id)
+    try:
+        entry = spool.modify(queue_id, change)
+    except SpoolError as e:
+        raise CommandError(str(e)) from None
+    if entry is None:
+        raise CommandError(f"no such queue entry: {queue_id}")
+    return entry
+
+
+def _recipient_line(status) -> str:
+    line = f"    {_one_line(status.address)}  {status.state}"
+    if status.state == PENDING:
+        next_attempt = _when(status.next_attempt)
+        line += f", {status.attempts} failed attempts, next {next_attempt}"
+    if status.code:
+        reply = _one_line(f"{status.code} {status.text}")
+        line += f": {reply}"
+        if status.next_hop:
+            line += f" ({_one_line(status.next_hop)})"
+    return line
+
+
+def _queue_list(cfg: Config, args: argparse.Namespace) -> int:
+    """Every entry: id, size, arrival, sender, flags, then its recipients."""
+    spool = _spool(cfg)
+    entries, problems = spool.load_all()
+    for problem in problems.values():
+        print(f"mailsys: {_one_line(problem)}", file=sys.stderr)
+    if not entries:
+        print("queue is empty")
+        return 0
+    held = 0
+    for entry in entries:
+        flags = []
+        if entry.held:
+            flags.append("held")
+            held += 1
+        if entry.kind != "mail":
+            flags.append(entry.kind)
+        sender = _one_line(entry.sender) if entry.sender is not None else "<>"
+        marks = f"  [{', '.join(flags)}]" if flags else ""
+        size = _size(entry.message_path)
+        print(f"{entry.queue_id}  {size}  {_when(entry.created)}  {sender}{marks}")
+        for status in entry.recipients:
+            print(_recipient_line(status))
+    count = len(entries)
+    print(f"-- {count} {'entry' if count == 1 else 'entries'}, {held} held")
+    return 0
+
+
+def _queue_show(cfg: Config, args: argparse.Namespace) -> int:
+    """One entry in full: envelope, every recipient, and the message headers."""
+    spool = _spool(cfg)
+    entry = _entry(spool, args.id)
+    sender = _one_line(entry.sender) if entry.sender is not None else "<>"
+    print(f"id: {entry.queue_id}")
+    print(f"kind: {entry.kind}")
+    print(f"sender: {sender}")
+    print(f"arrived: {_when(entry.created)}")
+    print(f"size: {_size(entry.message_path)}")
+    print(f"held: {'yes' if entry.held else 'no'}")
+    print(f"delay warning sent: {'yes' if entry.warned else 'no'}")
+    print(f"message file: {entry.message_path}")
+    print("recipients:")
+    for status in entry.recipients:
+        print(_recipient_line(status))
+    print("headers:")
+    headers = original_headers(entry.message_path).decode("utf-8", errors="replace")
+    for line in headers.splitlines():
+        print(f"    {_one_line(line)}")
+    return 0
+
+
+def _queue_flush(cfg: Config, args: argparse.Namespace) -> int:
+    """Make every pending recipient of every entry not held due now."""
+    spool = _spool(cfg)
+    now = time.time()
+    count = 0
+
+    def due(entry: QueueEntry) -> bool:
+        if entry.held or not entry.pending:
+            return False
+        for status in entry.pending:
+            status.next_attempt = now
+        return True
+
+    for queue_id in spool.ids():
+        try:
+            entry = spool.modify(queue_id, due)
+        except SpoolError as e:
+            print(f"mailsys: {_one_line(str(e))}", file=sys.stderr)
+            continue
+        if entry is not None and not entry.held and entry.pending:
+            count += 1
+    print(
+        f"{count} {'entry' if count == 1 else 'entries'} due now; a running server"
+        f" tries {'it' if count == 1 else 'them'} within {RESCAN_INTERVAL:g} seconds"
+    )
+    return 0
+
+
+def _queue_delete(cfg: Config, args: argparse.Namespace) -> int:
+    """Remove an entry without delivering it further and without a bounce."""
+    spool = _spool(cfg)
+    _entry(spool, args.id)
+    if not spool.remove(args.id):
+        raise CommandError(f"no such queue entry: {args.id}")
+    print(f"deleted {args.id}")
+    return 0
+
+
+def _queue_hold(cfg: Config, args: argparse.Namespace) -> int:
+    """Stop attempting an entry until it is released (it still expires later)."""
+    _change(cfg, args.id, lambda entry: setattr(entry, "held", True))
+    print(f"held {args.id}")
+    return 0
+
+
+def _queue_release(cfg: Config, args: argparse.Namespace) -> int:
+    """Undo a hold, and make the entry due now."""
+    now = time.time()
+
+    def release(entry: QueueEntry) -> None:
+        entry.held = False
+        for status in entry.pending:
+            status.next_attempt = now
+
+    _change(cfg, args.id, release)
+    print(
+        f"released {args.id}; a running server tries it within"
+        f" {RESCAN_INTERVAL:g} seconds"
+    )
+    return 0
+
+
+def add_queue_commands(commands: _Subparsers) -> None:
+    """C{mailsys queue list|show|flush|delete|hold|release}."""
+    queue = commands.add_parser(
+        "queue",
+        help="inspect and change the outbound queue",
+        description=(
+            "Work on the outbound queue under <state_dir>/queue.  Changes reach a"
+            f" running server within {RESCAN_INTERVAL:g} seconds, without a restart."
+        ),
+    )
+    actions = queue.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="list queued messages and recipients")
+    listing.set_defaults(run=_queue_list)
+    show = actions.add_parser("show", help="show one queued message in full")
+    show.add_argument("id", help="queue id, as printed by 'queue list'")
+    show.set_defaults(run=_queue_show)
+    actions.add_parser(
+        "flush", help="retry every queued message now (except held ones)"
+    ).set_defaults(run=_queue_flush)
+    delete = actions.add_parser(
+        "delete", help="remove a message from the queue (no bounce is sent)"
+    )
+    delete.add_argument("id")
+    delete.set_defaults(run=_queue_delete)
+    hold = actions.add_parser("hold", help="stop trying a message until released")
+    hold.add_argument("id")
+    hold.set_defaults(run=_queue_hold)
+    release = actions.add_parser(
+        "release", help="release a held message and retry it now"
+    )
+    release.add_argument("id")
+    release.set_defaults(run=_queue_release)
+
+
 # --- main ---------------------------------------------------------------------
 
 # Each adds one subparser whose C{run(config, args) -> int} does the work.
 COMMANDS: list[Callable[[_Subparsers], None]] = [
     add_user_commands,
     add_check_config_command,
+    add_queue_commands,
 ]
 
 

@@ -106,8 +106,61 @@ class LimitsSection:
 
 @dataclass(frozen=True)
 class RelaySection:
+    """
+    Outbound delivery: where mail for other domains goes, and how long and
+    how hard the queue tries.
+
+    @ivar smarthost: C{host:port} all remote mail goes through, or C{""}
+        to deliver to each domain's MX.
+    @ivar routes: destination domain -> C{host:port}, overriding both.
+    @ivar smarthost_username: AUTH to the smarthost (only over TLS); empty:
+        no AUTH.  Given together with C{smarthost_password}.
+    @ivar smarthost_cafile: CA certificates (PEM) that verify the
+        smarthost, or C{None} for the system's.
+    @ivar resolver: C{IP:port} of the DNS server for MX lookups, or C{""}
+        for the system's (C{/etc/resolv.conf}).
+    @ivar mx_port: the port of MX hosts (25; tests point it elsewhere).
+    @ivar retry_initial: seconds before the first retry; doubled after each
+        temporary failure up to C{retry_max} (Postfix: 300 and 4000).
+    @ivar give_up_after: seconds after arrival when a message still not
+        delivered is bounced (Postfix's maximal_queue_lifetime, 5 days).
+    @ivar delay_warning_after: seconds after arrival when the sender is
+        told, once, that delivery is delayed; 0: never (Postfix's
+        delay_warning_time, RFC 3464 Action: delayed).
+    @ivar max_concurrent: deliveries in progress at once, in total.
+    @ivar max_per_destination: deliveries in progress at once to one domain.
+    """
+
     smarthost: str = ""
     routes: Mapping[str, str] = field(default_factory=dict)
+    smarthost_username: str = ""
+    smarthost_password: str = ""
+    smarthost_cafile: Path | None = None
+    resolver: str = ""
+    mx_port: int = 25
+    retry_initial: float = 300.0
+    retry_max: float = 3600.0
+    give_up_after: float = 5 * 24 * 3600.0
+    delay_warning_after: float = 4 * 3600.0
+    max_concurrent: int = 20
+    max_per_destination: int = 4
+
+
+@dataclass(frozen=True)
+class SubmissionSection:
+    """
+    Policy of the submission listeners (587, 465) for authenticated users.
+
+    @ivar hide_client_ip: leave the client's address out of the
+        C{Received:} header of submitted mail (it reveals a user's home or
+        mobile address to every recipient).
+    @ivar sender_must_match: the envelope sender must be the authenticated
+        user or one of its aliases (553 5.7.1 otherwise), so one user
+        cannot send as another.
+    """
+
+    hide_client_ip: bool = False
+    sender_must_match: bool = True
 
 
 @dataclass(frozen=True)
@@ -143,6 +196,7 @@ class Config:
     domains: tuple[str, ...] = ("example.test",)
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     relay: RelaySection = field(default_factory=RelaySection)
+    submission: SubmissionSection = field(default_factory=SubmissionSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     auth: AuthSection = field(default_factory=AuthSection)
 
@@ -175,7 +229,19 @@ class _Problem(Exception):
         self.problem = problem
 
 
-_SECTIONS = ("server", "tls", "auth", "listen", "domains", "aliases", "relay", "limits")
+_SECTIONS = (
+    "server",
+    "tls",
+    "auth",
+    "listen",
+    "domains",
+    "aliases",
+    "relay",
+    "submission",
+    "limits",
+)
+# The keys of [relay]; routes is a table of its own.
+_RELAY_KEYS = tuple(f.name for f in dataclasses.fields(RelaySection))
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -260,7 +326,14 @@ def _build(data: dict[str, Any], source: Path) -> Config:
 
     domains = _domains(_section(data, "domains", ("names",)))
     aliases = _aliases(data.get("aliases", {}), domains)
-    relay = _relay(_section(data, "relay", ("smarthost", "routes")), domains)
+    relay = _relay(_section(data, "relay", _RELAY_KEYS), domains, base)
+    submission = _section(data, "submission", ("hide_client_ip", "sender_must_match"))
+    submission_section = SubmissionSection(
+        hide_client_ip=_boolean(submission, "submission", "hide_client_ip", False),
+        sender_must_match=_boolean(
+            submission, "submission", "sender_must_match", True
+        ),
+    )
     limit_names = tuple(f.name for f in dataclasses.fields(LimitsSection))
     limits_section = _limits(_section(data, "limits", limit_names))
 
@@ -272,6 +345,7 @@ def _build(data: dict[str, Any], source: Path) -> Config:
         domains=domains,
         aliases=aliases,
         relay=relay,
+        submission=submission_section,
         limits=limits_section,
         auth=auth_section,
     )
@@ -481,7 +555,7 @@ def _host_port(value: str, key: str) -> str:
     return f"{host}:{int(match[3])}"
 
 
-def _relay(table: dict[str, Any], domains: tuple[str, ...]) -> RelaySection:
+def _relay(table: dict[str, Any], domains: tuple[str, ...], base: Path) -> RelaySection:
     smarthost = _string(table, "relay", "smarthost", "")
     if smarthost:
         smarthost = _host_port(smarthost, _key("relay", "smarthost"))
@@ -503,7 +577,100 @@ def _relay(table: dict[str, Any], domains: tuple[str, ...]) -> RelaySection:
         if not isinstance(hop, str):
             raise _Problem(key, f"expected a string host:port, got {_show(hop)}")
         routes[domain] = _host_port(hop, key)
-    return RelaySection(smarthost=smarthost, routes=routes)
+    return RelaySection(
+        smarthost=smarthost, routes=routes, **_relay_options(table, smarthost, base)
+    )
+
+
+def _relay_options(table: dict[str, Any], smarthost: str, base: Path) -> dict[str, Any]:
+    """
+    The smarthost credentials, resolver and queue settings of C{[relay]}.
+    Credentials come in pairs and need a smarthost (they are sent nowhere
+    else); times are seconds, and the retry ceiling is not below the start.
+    """
+    values: dict[str, Any] = {}
+    for name in ("smarthost_username", "smarthost_password"):
+        value = _string(table, "relay", name, "")
+        if "\x00" in value:  # RFC 4616: NUL separates the PLAIN fields
+            raise _Problem(_key("relay", name), "must not contain a NUL character")
+        values[name] = value
+    username, password = values["smarthost_username"], values["smarthost_password"]
+    if bool(username) != bool(password):
+        missing = "smarthost_password" if username else "smarthost_username"
+        raise _Problem(_key("relay", missing), "needed too (give both, or neither)")
+    if username and not smarthost:
+        problem = "credentials are only sent to relay.smarthost, which is not set"
+        raise _Problem(_key("relay", "smarthost_username"), problem)
+
+    cafile = _string(table, "relay", "smarthost_cafile", "")
+    values["smarthost_cafile"] = None
+    if cafile:
+        key = _key("relay", "smarthost_cafile")
+        if "\x00" in cafile:
+            raise _Problem(key, f"not a valid path: {_show(cafile)}")
+        path = Path(os.path.abspath(base / cafile))
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            problem = f"cannot read {str(path)!r}: {e.strerror or e}"
+            raise _Problem(key, problem) from None
+        values["smarthost_cafile"] = path
+
+    resolver = _string(table, "relay", "resolver", "")
+    if resolver:
+        key = _key("relay", "resolver")
+        resolver = _host_port(resolver, key)
+        host = resolver.rpartition(":")[0].strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            problem = f"expected IP:port of a DNS server, got {_show(resolver)}"
+            raise _Problem(key, problem) from None
+    values["resolver"] = resolver
+
+    values["mx_port"] = _integer(table, "relay", "mx_port", 25, 1, 65535)
+    for name in ("retry_initial", "retry_max", "give_up_after"):
+        values[name] = _seconds(table, name, getattr(RelaySection, name), positive=True)
+    values["delay_warning_after"] = _seconds(
+        table, "delay_warning_after", RelaySection.delay_warning_after, positive=False
+    )
+    if values["retry_max"] < values["retry_initial"]:
+        problem = f"must be at least relay.retry_initial ({values['retry_initial']!r})"
+        raise _Problem(_key("relay", "retry_max"), problem)
+    for name in ("max_concurrent", "max_per_destination"):
+        values[name] = _integer(table, "relay", name, getattr(RelaySection, name), 1)
+    return values
+
+
+def _integer(
+    table: dict[str, Any],
+    section: str,
+    key: str,
+    default: int,
+    least: int,
+    most: int | None = None,
+) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Problem(_key(section, key), f"expected an integer, got {_show(value)}")
+    if value < least or (most is not None and value > most):
+        bounds = f"at least {least}" if most is None else f"between {least} and {most}"
+        raise _Problem(_key(section, key), f"must be {bounds}, got {_show(value)}")
+    return value
+
+
+def _seconds(table: dict[str, Any], key: str, default: float, positive: bool) -> float:
+    """A duration in seconds under C{[relay]}: a finite number, > 0 or >= 0."""
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        problem = f"expected a number of seconds, got {_show(value)}"
+        raise _Problem(_key("relay", key), problem)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        least = "positive" if positive else "zero or positive"
+        problem = f"must be a {least} number of seconds, got {_show(value)}"
+        raise _Problem(_key("relay", key), problem)
+    return float(value)
 
 
 def _limits(table: dict[str, Any]) -> LimitsSection:
@@ -661,6 +828,7 @@ def development(base_dir: Path | str) -> Config:
         domains=("example.test",),
         aliases={},
         relay=RelaySection(),
+        submission=SubmissionSection(),
         limits=LimitsSection(),
         auth=AuthSection(allow_plaintext_on_loopback=True),
     )
@@ -709,7 +877,12 @@ def describe(config: Config) -> str:
     section("listen", fields(config.listen))
     section("domains", {"names": config.domains})
     section("aliases", config.aliases)
-    section("relay", {"smarthost": config.relay.smarthost})
+    relay = fields(config.relay)
+    del relay["routes"]
+    if relay["smarthost_cafile"] is None:
+        relay["smarthost_cafile"] = ""  # TOML has no null: "" means none
+    section("relay", relay)
     section("relay.routes", config.relay.routes)
+    section("submission", fields(config.submission))
     section("limits", fields(config.limits))
     return "\n".join(lines) + "\n"

@@ -24,6 +24,7 @@ from mailsys.config import (
     ListenSection,
     RelaySection,
     ServerSection,
+    SubmissionSection,
     TLSSection,
     describe,
     development,
@@ -144,6 +145,55 @@ BAD_CONFIGS = [
      'relay.routes."example.org"', "expected host:port"),
     ("route next hop not a string", '[relay.routes]\n"example.org" = 25\n',
      'relay.routes."example.org"', "expected a string host:port"),
+    ("smarthost username without password",
+     '[relay]\nsmarthost = "smtp.example.net:587"\nsmarthost_username = "me"\n',
+     "relay.smarthost_password", "give both, or neither"),
+    ("smarthost password without username",
+     '[relay]\nsmarthost = "smtp.example.net:587"\nsmarthost_password = "pw"\n',
+     "relay.smarthost_username", "give both, or neither"),
+    ("smarthost credentials without smarthost",
+     '[relay]\nsmarthost_username = "me"\nsmarthost_password = "pw"\n',
+     "relay.smarthost_username", "relay.smarthost, which is not set"),
+    ("smarthost password with NUL",
+     '[relay]\nsmarthost = "s.example.net:587"\nsmarthost_username = "me"\n'
+     'smarthost_password = "a\\u0000b"\n', "relay.smarthost_password", "NUL"),
+    ("smarthost password not a string",
+     '[relay]\nsmarthost = "s.example.net:587"\nsmarthost_username = "me"\n'
+     "smarthost_password = 1234\n", "relay.smarthost_password",
+     "expected a string, got 1234"),
+    ("smarthost cafile missing", '[relay]\nsmarthost_cafile = "no-such-ca.pem"\n',
+     "relay.smarthost_cafile", "cannot read"),
+    ("resolver without port", '[relay]\nresolver = "127.0.0.1"\n', "relay.resolver",
+     "expected host:port"),
+    ("resolver a host name", '[relay]\nresolver = "dns.example.net:53"\n',
+     "relay.resolver", "expected IP:port of a DNS server"),
+    ("mx_port zero", "[relay]\nmx_port = 0\n", "relay.mx_port",
+     "must be between 1 and 65535, got 0"),
+    ("mx_port too large", "[relay]\nmx_port = 65536\n", "relay.mx_port",
+     "must be between 1 and 65535"),
+    ("mx_port a string", '[relay]\nmx_port = "25"\n', "relay.mx_port",
+     "expected an integer, got '25'"),
+    ("retry_initial zero", "[relay]\nretry_initial = 0\n", "relay.retry_initial",
+     "must be a positive number of seconds, got 0"),
+    ("retry_max below retry_initial", "[relay]\nretry_initial = 600\nretry_max = 60\n",
+     "relay.retry_max", "must be at least relay.retry_initial (600.0)"),
+    ("give_up_after a duration string", '[relay]\ngive_up_after = "5d"\n',
+     "relay.give_up_after", "expected a number of seconds, got '5d'"),
+    ("give_up_after infinite", "[relay]\ngive_up_after = inf\n",
+     "relay.give_up_after", "must be a positive number of seconds"),
+    ("delay_warning_after negative", "[relay]\ndelay_warning_after = -1\n",
+     "relay.delay_warning_after", "must be a zero or positive number of seconds"),
+    ("delay_warning_after a bool", "[relay]\ndelay_warning_after = false\n",
+     "relay.delay_warning_after", "expected a number of seconds, got false"),
+    ("max_concurrent zero", "[relay]\nmax_concurrent = 0\n", "relay.max_concurrent",
+     "must be at least 1, got 0"),
+    ("max_per_destination a float", "[relay]\nmax_per_destination = 2.5\n",
+     "relay.max_per_destination", "expected an integer, got 2.5"),
+    ("unknown relay key", "[relay]\nretries = 3\n", "relay.retries", "unknown key"),
+    ("submission not a bool", '[submission]\nhide_client_ip = "yes"\n',
+     "submission.hide_client_ip", "expected true or false, got 'yes'"),
+    ("submission unknown key", "[submission]\nrequire_auth = true\n",
+     "submission.require_auth", "unknown key"),
     ("limit not a number", '[limits]\nmax_message_size = "big"\n',
      "limits.max_message_size", "expected an integer, got 'big'"),
     ("limit true for an integer", "[limits]\nmax_recipients = true\n",
@@ -315,6 +365,7 @@ class GoodConfigTests(ConfigTestMixin, SynchronousTestCase):
         self.assertEqual(config.domains, ("example.test",))
         self.assertEqual(config.aliases, {})
         self.assertEqual(config.relay, RelaySection())
+        self.assertEqual(config.submission, SubmissionSection())
         self.assertEqual(config.limits, LimitsSection())
         self.assertEqual(config.auth, AuthSection(allow_plaintext_on_loopback=False))
         self.assertEqual(config.mail_dir, base / "var" / "mail")
@@ -435,6 +486,63 @@ class GoodConfigTests(ConfigTestMixin, SynchronousTestCase):
             {"example.org": "[2001:db8::25]:25", "example.net": "192.0.2.25:2525"},
         )
 
+    def test_relayQueueDefaults(self) -> None:
+        """
+        Left out, the queue retries like Postfix: after 5 minutes doubling
+        to an hour, gives up after 5 days, warns of a delay after 4 hours,
+        20 deliveries at once and 4 per domain; MX hosts on port 25, the
+        system's resolver and CAs, no smarthost AUTH; submission keeps the
+        client's IP and requires the sender to match the user.
+        """
+        config = load(self.write(""))
+        relay = config.relay
+        self.assertEqual(
+            (relay.retry_initial, relay.retry_max, relay.give_up_after),
+            (300.0, 3600.0, 432000.0),
+        )
+        self.assertEqual(relay.delay_warning_after, 14400.0)
+        self.assertEqual((relay.max_concurrent, relay.max_per_destination), (20, 4))
+        self.assertEqual((relay.mx_port, relay.resolver), (25, ""))
+        self.assertIsNone(relay.smarthost_cafile)
+        self.assertEqual((relay.smarthost_username, relay.smarthost_password), ("", ""))
+        self.assertEqual(config.submission, SubmissionSection(False, True))
+
+    def test_relayQueueSettings(self) -> None:
+        """
+        Every C{[relay]} queue and smarthost key is read; times accept
+        integers and are kept as floats; the CA file is relative to the
+        configuration file; an IPv6 resolver is normalised.
+        """
+        path = self.write(
+            '[relay]\nsmarthost = "smtp.example.net:587"\n'
+            'smarthost_username = "me@example.net"\nsmarthost_password = "p w"\n'
+            'smarthost_cafile = "ca.pem"\nresolver = "[::1]:5353"\nmx_port = 2525\n'
+            "retry_initial = 1\nretry_max = 8.5\ngive_up_after = 100\n"
+            "delay_warning_after = 0\nmax_concurrent = 3\nmax_per_destination = 1\n"
+            "[submission]\nhide_client_ip = true\nsender_must_match = false\n"
+        )
+        (path.parent / "ca.pem").write_text("not checked here\n")
+        config = load(path)
+        self.assertEqual(
+            config.relay,
+            RelaySection(
+                smarthost="smtp.example.net:587",
+                smarthost_username="me@example.net",
+                smarthost_password="p w",
+                smarthost_cafile=path.parent.absolute() / "ca.pem",
+                resolver="[::1]:5353",
+                mx_port=2525,
+                retry_initial=1.0,
+                retry_max=8.5,
+                give_up_after=100.0,
+                delay_warning_after=0.0,
+                max_concurrent=3,
+                max_per_destination=1,
+            ),
+        )
+        self.assertIsInstance(config.relay.retry_initial, float)
+        self.assertEqual(config.submission, SubmissionSection(True, False))
+
     def test_listeners(self) -> None:
         """
         Empty listeners are off; tcp, tcp6, unix and systemd endpoints are
@@ -517,13 +625,20 @@ class DescribeTests(ConfigTestMixin, SynchronousTestCase):
         self.assertEqual(
             list(described),
             ["server", "tls", "auth", "listen", "domains", "aliases", "relay",
-             "limits"],
+             "submission", "limits"],
         )
         self.assertEqual(set(described["listen"]), set(LISTENERS))
         limit_names = {f.name for f in dataclasses.fields(LimitsSection)}
         self.assertEqual(set(described["limits"]), limit_names)
         self.assertTrue(Path(described["server"]["state_dir"]).is_absolute())
-        self.assertEqual(described["relay"], {"smarthost": "", "routes": {}})
+        relay_names = {f.name for f in dataclasses.fields(RelaySection)}
+        self.assertEqual(set(described["relay"]), relay_names)
+        self.assertEqual(described["relay"]["routes"], {})
+        self.assertEqual(described["relay"]["smarthost_cafile"], "")
+        self.assertEqual(
+            described["submission"],
+            {"hide_client_ip": False, "sender_must_match": True},
+        )
 
     def test_roundTrip(self) -> None:
         """
@@ -541,9 +656,15 @@ class DescribeTests(ConfigTestMixin, SynchronousTestCase):
             '"postmaster@example.test" = ["a@example.test", "b@example.org"]\n'
             '"abuse@example.net" = "postmaster@example.test"\n'
             '[relay]\nsmarthost = "[2001:db8::1]:587"\n'
+            'smarthost_username = "u"\nsmarthost_password = "p\\"w"\n'
+            'smarthost_cafile = "ca.pem"\nresolver = "192.0.2.53:53"\n'
+            "mx_port = 26\nretry_initial = 60\nretry_max = 90.5\n"
+            "give_up_after = 1e6\ndelay_warning_after = 0\nmax_concurrent = 9\n"
             '[relay.routes]\n"example.org" = "mx.example.org:25"\n'
+            "[submission]\nhide_client_ip = true\nsender_must_match = false\n"
             "[limits]\ncommand_timeout = 12.5\nmax_recipients = 1000\n"
         )
+        (path.parent / "ca.pem").write_text("")
         config = load(path)
         self.assertEqual(config.state_dir, Path('/srv/ma"il\\ dé'))
         again = self.roundTrip(config)
