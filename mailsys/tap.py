@@ -21,20 +21,24 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from twisted.cred.portal import Portal
+from twisted.mail.pop3 import IMailbox
+
 from mailsys import config as configuration
-from mailsys.accounts import UserStore
+from mailsys.accounts import MailRealm, PasswordChecker, UserStore
 from mailsys.connections import ConnectionLimits
 from mailsys.maildir import MaildirStore
+from mailsys.pop3 import POP3ServerFactory, pop3_avatar
+from mailsys.queue.client import SMTPTransport, make_resolver
+from mailsys.queue.local import LocalTransport
+from mailsys.queue.runner import QueueRunner, RetrySchedule
+from mailsys.queue.spool import Spool
 from mailsys.routing import Router
-from mailsys.smtp.delivery import LocalDelivery
+from mailsys.smtp.delivery import LocalDelivery, OutboundQueue, SubmissionDelivery
 from mailsys.smtp.server import ESMTPServerFactory
 from mailsys.tls import ServerTLS, TLSError, ensure_certificate
 
 log = Logger(namespace="mailsys")
-
-# Listeners this version serves; the others are reported and skipped.
-IMPLEMENTED = ("smtp",)
-
 
 def _fail(message: str) -> None:
     """One line for the administrator, exit status 2, no traceback."""
@@ -159,8 +163,8 @@ def makeService(options, reactor=None) -> MailSystem:
 def build(cfg: configuration.Config, reactor) -> MailSystem:
     """The service tree for C{cfg}; listening starts with C{startService}."""
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    spool = cfg.state_dir / "tmp"
-    spool.mkdir(exist_ok=True, mode=0o700)
+    incoming = cfg.state_dir / "tmp"
+    incoming.mkdir(exist_ok=True, mode=0o700)
     try:
         if ensure_certificate(cfg.tls.cert, cfg.tls.key, cfg.server.hostname):
             log.info("generated a self-signed certificate {cert}", cert=str(cfg.tls.cert))
@@ -169,32 +173,30 @@ def build(cfg: configuration.Config, reactor) -> MailSystem:
     except TLSError as e:
         _fail(str(e))
 
-    users = UserStore(cfg.users_file, cfg.domains)
-    store = MaildirStore(cfg.mail_dir, cfg.server.hostname)
-    router = Router(cfg.domains, users.exists, cfg.aliases)
-
     top = MailSystem(cfg)
-    top.users, top.store, top.router, top.tls = users, store, router, tls
-    reloader = _SignalReload(reactor, [tls.reload, alias_reloader(cfg, router)])
+    top.tls = tls
+    top.users = UserStore(cfg.users_file, cfg.domains)
+    top.store = MaildirStore(cfg.mail_dir, cfg.server.hostname)
+    top.router = Router(cfg.domains, top.users.exists, cfg.aliases)
+    top.portal = Portal(
+        MailRealm(cfg.mail_dir, {IMailbox: pop3_avatar}),
+        [PasswordChecker(top.users, reactor)],
+    )
+    top.queue = _build_queue(cfg, top, reactor)
+
+    reloader = _SignalReload(
+        reactor,
+        [tls.reload, alias_reloader(cfg, top.router), top.queue.runner.rescan],
+    )
     reloader.setName("reload")
     reloader.setServiceParent(top)
 
-    listeners = cfg.listen.enabled()
-    for name, description in listeners.items():
-        if name not in IMPLEMENTED:
+    for name, description in cfg.listen.enabled().items():
+        made = _listener_factory(name, cfg, top, reactor, incoming)
+        if made is None:
             log.warn("listener {name} is not available in this version", name=name)
             continue
-        if name == "smtp":
-            delivery = LocalDelivery(router, store, cfg.server.hostname, reactor)
-            factory = ESMTPServerFactory(
-                delivery,
-                cfg.server.hostname,
-                cfg.limits,
-                reactor,
-                tls=tls.contextFactory(),
-                spool_dir=spool,
-            )
-            refusal = b"421 4.7.0 Too many connections, try again later\r\n"
+        factory, refusal = made
         limited = ConnectionLimits(
             factory,
             cfg.limits.max_connections,
@@ -202,8 +204,7 @@ def build(cfg: configuration.Config, reactor) -> MailSystem:
             refusal=refusal,
             service=name,
         )
-        endpoint = serverFromString(reactor, description)
-        service = Listener(endpoint, limited)
+        service = Listener(serverFromString(reactor, description), limited)
         service.setName(name)
         service.setServiceParent(top)
         log.info("{name} listening on {endpoint}", name=name, endpoint=description)
@@ -211,8 +212,90 @@ def build(cfg: configuration.Config, reactor) -> MailSystem:
     if cfg.path is None:
         log.info(
             "development instance for {domains}: state in {state}; add a user with "
-            "'mailsys user add alice@example.test', then send mail to port 2525",
+            "'mailsys user add alice@example.test', then send mail to port 2525 "
+            "(or submit on 2587/2465 with AUTH) and read it on POP3 2110/2995",
             domains=", ".join(cfg.domains),
             state=str(cfg.state_dir),
         )
     return top
+
+
+def _build_queue(cfg: configuration.Config, top: MailSystem, reactor) -> OutboundQueue:
+    """The durable queue and its runner (a child service)."""
+    spool = Spool(cfg.state_dir / "queue", cfg.server.hostname)
+    relay = cfg.relay
+    remote = SMTPTransport(
+        reactor,
+        cfg.server.hostname,
+        resolver=make_resolver(reactor, relay.resolver),
+        routes=relay.routes,
+        smarthost=relay.smarthost,
+        smarthost_username=relay.smarthost_username,
+        smarthost_password=relay.smarthost_password,
+        smarthost_cafile=relay.smarthost_cafile,
+        mx_port=relay.mx_port,
+        max_connections_per_host=relay.max_per_destination,
+    )
+    runner = QueueRunner(
+        spool,
+        LocalTransport(top.store, reactor),
+        remote,
+        lambda address: top.router.is_local_domain(address.rpartition("@")[2]),
+        reactor,
+        RetrySchedule.from_config(relay),
+        cfg.server.hostname,
+        postmaster=f"postmaster@{cfg.domains[0]}",
+        max_concurrent=relay.max_concurrent,
+        max_per_destination=relay.max_per_destination,
+    )
+    runner.setName("queue")
+    runner.setServiceParent(top)
+    return OutboundQueue(spool, runner, reactor)
+
+
+_SMTP_REFUSAL = b"421 4.7.0 Too many connections, try again later\r\n"
+_POP3_REFUSAL = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
+
+
+def _listener_factory(name: str, cfg: configuration.Config, top: MailSystem, reactor, incoming):
+    """The protocol factory of listener C{name} and what it says when full,
+    or C{None} for a listener this version does not serve."""
+    hostname = cfg.server.hostname
+    if name == "smtp":
+        delivery = LocalDelivery(top.router, top.store, hostname, reactor, queue=top.queue)
+        factory = ESMTPServerFactory(
+            delivery, hostname, cfg.limits, reactor,
+            tls=top.tls.contextFactory(), spool_dir=incoming,
+        )
+        return factory, _SMTP_REFUSAL
+    if name in ("submission", "submissions"):
+        implicit = name == "submissions"
+        delivery = SubmissionDelivery(
+            top.router, top.queue, hostname, reactor,
+            hide_client_ip=cfg.submission.hide_client_ip,
+            sender_must_match=cfg.submission.sender_must_match,
+        )
+        factory = ESMTPServerFactory(
+            delivery, hostname, cfg.limits, reactor,
+            tls=None if implicit else top.tls.contextFactory(),
+            spool_dir=incoming,
+            portal=top.portal,
+            require_auth=True,
+            implicit_tls=implicit,
+            allow_plaintext_auth=cfg.auth.allow_plaintext_on_loopback,
+        )
+        if implicit:
+            return top.tls.wrap(factory), b""
+        return factory, _SMTP_REFUSAL
+    if name in ("pop3", "pop3s"):
+        implicit = name == "pop3s"
+        factory = POP3ServerFactory(
+            top.portal, hostname, reactor,
+            tls=None if implicit else top.tls.contextFactory(),
+            implicit_tls=implicit,
+            allow_plaintext_on_loopback=cfg.auth.allow_plaintext_on_loopback,
+        )
+        if implicit:
+            return top.tls.wrap(factory), b""
+        return factory, _POP3_REFUSAL
+    return None
