@@ -254,3 +254,35 @@ class SubmissionPolicyTests(SynchronousTestCase):
         self.assertNotIn(b"\nDate:", data)
         self.assertNotIn(b"198.51.100.4", data)
         self.assertIn(b"Received: from authenticated-user\n", data)
+
+
+class LoopTests(SynchronousTestCase):
+    """Mail that has gone round a loop is refused, not delivered again."""
+
+    def setUp(self) -> None:
+        self.delivery = make_delivery(
+            Path(self.mktemp()), aliases={"fwd@example.test": ["x@elsewhere.example"]}
+        )
+        self.delivery.queue = RecordingQueue()
+
+    def deliver(self, body: bytes, *recipients: str):
+        env = envelope(*recipients, delivery=self.delivery)
+        return self.delivery.deliver(SESSION, env, io.BytesIO(body), len(body))
+
+    def test_too_many_received(self):
+        """More than 30 Received: headers: 554 5.4.6."""
+        body = b"Received: from x\n" * 31 + b"Subject: loop\n\nbody\n"
+        e = self.assertRaises(Reply, self.deliver, body, "alice@example.test")
+        self.assertEqual((e.code, e.status), (554, "5.4.6"))
+        body = b"Received: from x\n" * 30 + b"Subject: ok\n\nbody\n"
+        self.successResultOf(self.deliver(body, "fwd@example.test"))
+
+    def test_forward_comes_back(self):
+        """A forwarded message carries Delivered-To: the alias; when the far
+        side sends it back, it is refused."""
+        self.successResultOf(self.deliver(b"Subject: fwd\n\nbody\n", "fwd@example.test"))
+        [(_, queued, recipients)] = self.delivery.queue.queued
+        self.assertEqual(recipients, ["x@elsewhere.example"])
+        self.assertIn(b"Delivered-To: fwd@example.test\n", queued)
+        e = self.assertRaises(Reply, self.deliver, queued, "fwd@example.test")
+        self.assertEqual(e.status, "5.4.6")

@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from mailsys.addresses import MailAddress
 from mailsys.maildir import MaildirStore
+from mailsys.queue.bounce import is_looping
 from mailsys.routing import AliasLoop, NotOurDomain, Route, Router, UnknownRecipient
 from mailsys.smtp.interfaces import Envelope, ISMTPDelivery, Reply, Session
 
@@ -138,6 +139,29 @@ def queue_recipients(envelope: Envelope) -> list[str]:
     return list(seen)
 
 
+def refuse_loops(envelope: Envelope, message: IO[bytes]) -> None:
+    """
+    Refuse a message that has gone round a loop (too many C{Received:}, or
+    our own C{Delivered-To:} for one of its recipients) with 554 5.4.6
+    (RFC 5321 6.3, RFC 3463), instead of delivering it once more.
+    """
+    ours = [str(r) for r in envelope.recipients] + queue_recipients(envelope)
+    if is_looping(header_block(message), ours):
+        raise Reply(554, "5.4.6", "Routing loop detected")
+
+
+def delivered_to(envelope: Envelope) -> bytes:
+    """
+    C{Delivered-To:} lines for the recipients an alias forwards to another
+    domain, as Postfix adds them: if the mail comes back, the loop shows.
+    """
+    return b"".join(
+        f"Delivered-To: {recipient}\n".encode()
+        for recipient in envelope.recipients
+        if envelope.routes[recipient].remote
+    )
+
+
 @implementer(ISMTPDelivery)
 class LocalDelivery:
     """
@@ -185,12 +209,14 @@ class LocalDelivery:
     def deliver(
         self, session: Session, envelope: Envelope, message: IO[bytes], size: int
     ) -> defer.Deferred:
+        refuse_loops(envelope, message)
         if self.queue is not None and any(
             envelope.routes[r].remote for r in envelope.recipients
         ):
             prefix = received_header(
                 session, envelope, self.hostname, self.reactor.seconds(), return_path=False
             )
+            prefix += delivered_to(envelope)
             return self.queue.enqueue(envelope, message, prefix, queue_recipients(envelope))
         mailboxes = local_mailboxes(envelope)
         prefix = received_header(session, envelope, self.hostname, self.reactor.seconds())
@@ -322,6 +348,7 @@ class SubmissionDelivery:
     def deliver(
         self, session: Session, envelope: Envelope, message: IO[bytes], size: int
     ) -> defer.Deferred:
+        refuse_loops(envelope, message)
         now = self.reactor.seconds()
         prefix = received_header(
             session,
