@@ -27,6 +27,7 @@ from twisted.mail.pop3 import IMailbox
 from mailsys import config as configuration
 from mailsys.accounts import MailRealm, PasswordChecker, UserStore
 from mailsys.connections import ConnectionLimits
+from mailsys.imap import IIMAPAccount, IMAPServerFactory, imap_avatar
 from mailsys.maildir import MaildirStore
 from mailsys.pop3 import POP3ServerFactory, pop3_avatar
 from mailsys.queue.client import SMTPTransport, make_resolver
@@ -179,7 +180,7 @@ def build(cfg: configuration.Config, reactor) -> MailSystem:
     top.store = MaildirStore(cfg.mail_dir, cfg.server.hostname)
     top.router = Router(cfg.domains, top.users.exists, cfg.aliases)
     top.portal = Portal(
-        MailRealm(cfg.mail_dir, {IMailbox: pop3_avatar}),
+        MailRealm(cfg.mail_dir, {IMailbox: pop3_avatar, IIMAPAccount: imap_avatar}),
         [PasswordChecker(top.users, reactor)],
     )
     top.queue = _build_queue(cfg, top, reactor)
@@ -213,7 +214,8 @@ def build(cfg: configuration.Config, reactor) -> MailSystem:
         log.info(
             "development instance for {domains}: state in {state}; add a user with "
             "'mailsys user add alice@example.test', then send mail to port 2525 "
-            "(or submit on 2587/2465 with AUTH) and read it on POP3 2110/2995",
+            "(or submit on 2587/2465 with AUTH) and read it with IMAP on 2143/2993 "
+            "or POP3 on 2110/2995",
             domains=", ".join(cfg.domains),
             state=str(cfg.state_dir),
         )
@@ -255,6 +257,7 @@ def _build_queue(cfg: configuration.Config, top: MailSystem, reactor) -> Outboun
 
 _SMTP_REFUSAL = b"421 4.7.0 Too many connections, try again later\r\n"
 _POP3_REFUSAL = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
+_IMAP_REFUSAL = b"* BYE Too many connections, try again later\r\n"
 
 
 def _listener_factory(name: str, cfg: configuration.Config, top: MailSystem, reactor, incoming):
@@ -298,4 +301,16 @@ def _listener_factory(name: str, cfg: configuration.Config, top: MailSystem, rea
         if implicit:
             return top.tls.wrap(factory), b""
         return factory, _POP3_REFUSAL
+    if name in ("imap", "imaps"):
+        implicit = name == "imaps"
+        factory = IMAPServerFactory(
+            top.portal, hostname, reactor,
+            tls=None if implicit else top.tls.contextFactory(),
+            implicit_tls=implicit,
+            allow_plaintext_on_loopback=cfg.auth.allow_plaintext_on_loopback,
+            max_message_size=cfg.limits.max_message_size,
+        )
+        if implicit:
+            return top.tls.wrap(factory), b""
+        return factory, _IMAP_REFUSAL
     return None
