@@ -507,14 +507,20 @@ def _domains(table: dict[str, Any]) -> tuple[str, ...]:
 def _aliases(table: Any, domains: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     """
     Alias address -> targets.  An alias must be in one of our domains
-    (nothing else routes through it); a target may be anywhere.
+    (nothing else routes through it); a target may be anywhere.  A key
+    C{"@domain"} is that domain's catch-all: it receives mail for every
+    address of the domain that is neither a user nor another alias.
     """
     if not isinstance(table, dict):
         raise _Problem("aliases", f"expected a table, got {_show(table)}")
     result: dict[str, tuple[str, ...]] = {}
     for alias, targets in table.items():
         key = _key("aliases", alias)
-        address = _address(alias, key)
+        if isinstance(alias, str) and alias.startswith("@"):
+            # "@domain": the catch-all of one of our domains.
+            address = "@" + _address("catchall" + alias, key).partition("@")[2]
+        else:
+            address = _address(alias, key)
         if address.rpartition("@")[2] not in domains:
             raise _Problem(key, "domain is not one of domains.names")
         if address in result:

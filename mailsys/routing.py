@@ -71,11 +71,20 @@ class Router:
         self.set_aliases(aliases or {})
 
     def set_aliases(self, aliases: Mapping[str, Iterable[str]]) -> None:
-        """Replace the alias table (on configuration reload)."""
+        """
+        Replace the alias table (on configuration reload).  A key
+        C{"@domain"} is the catch-all of that domain.
+        """
         table: dict[MailAddress, tuple[MailAddress, ...]] = {}
+        catch_all: dict[str, tuple[MailAddress, ...]] = {}
         for source, targets in aliases.items():
-            table[parse_address(source)] = tuple(parse_address(t) for t in targets)
+            resolved = tuple(parse_address(t) for t in targets)
+            if source.startswith("@"):
+                catch_all[source[1:].lower()] = resolved
+            else:
+                table[parse_address(source)] = resolved
         self._aliases = table
+        self._catch_all = catch_all
 
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower() in self.domains
@@ -128,6 +137,16 @@ class Router:
             # An alias pointing at a user that does not exist is a
             # configuration mistake; refuse rather than lose the mail.
             raise UnknownRecipient(str(address))
+        targets = self._catch_all.get(address.domain)
+        if targets is not None:
+            for target in targets:
+                self._expand(target, depth + 1, local, remote, seen)
+            return
+        if address.local == "postmaster":
+            # RFC 5321 4.5.1: postmaster of every domain must work.  Without
+            # an alias, the mail waits in that mailbox (read it with
+            # `mailsys mailbox`, or create the user to log in).
+            local.append(address)
 
 
 __all__ = [

@@ -728,3 +728,23 @@ class DevelopmentTests(SynchronousTestCase):
         self.assertEqual(
             development("here").state_dir, Path(os.getcwd()) / "here" / "var"
         )
+
+
+class CatchAllConfigTests(SynchronousTestCase):
+    def test_catch_all_key(self):
+        """'@domain' is accepted as a catch-all alias of one of our domains,
+        and refused for another domain."""
+        from pathlib import Path
+
+        path = Path(self.mktemp())
+        path.write_text(
+            '[domains]\nnames = ["example.test"]\n[aliases]\n"@Example.TEST" = ["bob@example.test"]\n'
+        )
+        cfg = load(path)
+        self.assertEqual(cfg.aliases, {"@example.test": ("bob@example.test",)})
+        again = Path(self.mktemp())
+        again.write_text(describe(cfg))
+        self.assertEqual(load(again).aliases, cfg.aliases)
+        path.write_text('[domains]\nnames = ["example.test"]\n[aliases]\n"@other.test" = ["bob@example.test"]\n')
+        e = self.assertRaises(ConfigError, load, path)
+        self.assertIn('aliases."@other.test"', str(e))

@@ -95,3 +95,33 @@ class RouterTests(SynchronousTestCase):
         self.assertRaises(UnknownRecipient, r.resolve, a("info@example.test"))
         r.set_aliases({"info@example.test": ["bob@example.test"]})
         self.assertEqual(r.resolve(a("info@example.test")).local, (a("bob@example.test"),))
+
+
+class SpecialAddressTests(SynchronousTestCase):
+    def test_postmaster_always_exists(self):
+        """postmaster@ every domain is accepted without a user or alias
+        (RFC 5321 4.5.1), and an alias for it wins."""
+        self.assertEqual(
+            router().resolve(a("postmaster@other.test")).local,
+            (a("postmaster@other.test"),),
+        )
+        r = router({"postmaster@example.test": ["alice@example.test"]})
+        self.assertEqual(
+            r.resolve(a("Postmaster@example.test")).local, (a("alice@example.test"),)
+        )
+
+    def test_catch_all(self):
+        """A domain's catch-all takes what no user or alias takes; users
+        and aliases still win, and other domains are unaffected."""
+        r = router(
+            {"@example.test": ["bob@example.test"], "info@example.test": ["alice@example.test"]}
+        )
+        self.assertEqual(r.resolve(a("anything@example.test")).local, (a("bob@example.test"),))
+        self.assertEqual(r.resolve(a("alice@example.test")).local, (a("alice@example.test"),))
+        self.assertEqual(r.resolve(a("info@example.test")).local, (a("alice@example.test"),))
+        self.assertRaises(UnknownRecipient, r.resolve, a("anything@other.test"))
+
+    def test_catch_all_forward(self):
+        """A catch-all may forward to another domain."""
+        r = router({"@other.test": ["me@elsewhere.example"]})
+        self.assertEqual(r.resolve(a("x@other.test")).remote, (a("me@elsewhere.example"),))
