@@ -716,6 +716,32 @@ def _temporary_name(name: str) -> str:
     return f"{name}.P{os.getpid()}R{os.urandom(8).hex()}"
 
 
+def replace_durably(
+    target: Path, prefix: bytes, message: BinaryIO, size: int, scratch: Path
+) -> None:
+    """
+    The durable-write contract for one file, whole: C{prefix} and the rest
+    of C{message} (C{size} bytes in all) written to a new file in
+    C{scratch}, synced, renamed over C{target}, and C{target}'s directory
+    synced.  When it returns the file is on disk under its name; when it
+    raises, C{target} is as it was and no temporary file is left.  Blocking:
+    call it in a thread.  Used for every state file that must survive a
+    crash (queue entries, UID lists); mail itself is delivered with
+    L{MaildirStore.deliver}, the same steps for several mailboxes at once.
+    """
+    temporary = scratch / _temporary_name(target.name)
+    try:
+        MaildirStore._write(temporary, prefix, message, size)
+        os.rename(temporary, target)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+    fsync_directory(target.parent)
+
+
 def _replace_file(target: Path, data: bytes, durable: bool = True) -> None:
     """
     Replace C{target} with C{data} atomically: readers see the old file or
@@ -727,13 +753,13 @@ def _replace_file(target: Path, data: bytes, durable: bool = True) -> None:
     scratch = target.parent / "tmp"
     if not scratch.is_dir():
         _make_directory(scratch)
+    if durable:
+        replace_durably(target, data, io.BytesIO(), len(data), scratch)
+        return
     temporary = scratch / _temporary_name(target.name)
     try:
-        if durable:
-            MaildirStore._write(temporary, data, io.BytesIO(), len(data))
-        else:
-            with open(temporary, "xb") as out:
-                out.write(data)
+        with open(temporary, "xb") as out:
+            out.write(data)
         os.rename(temporary, target)
     except BaseException:
         try:
@@ -741,8 +767,6 @@ def _replace_file(target: Path, data: bytes, durable: bool = True) -> None:
         except OSError:
             pass
         raise
-    if durable:
-        fsync_directory(target.parent)
 
 
 def _allocate_uidvalidity(root: Path) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from mailsys import maildir as maildir_module
 from mailsys.queue import spool as spool_module
 from mailsys.queue.spool import (
     BOUNCED,
@@ -120,11 +121,12 @@ class EnqueueTests(SpoolTestMixin, SynchronousTestCase):
         self.spool._prepare()
         self.patch(spool_module.os, "fsync", fsync)
         self.patch(spool_module.os, "rename", rename)
-        self.patch(
-            spool_module,
-            "fsync_directory",
-            lambda path: events.append(("fsync_directory", str(path))),
-        )
+        for module in (spool_module, maildir_module):
+            self.patch(
+                module,
+                "fsync_directory",
+                lambda path: events.append(("fsync_directory", str(path))),
+            )
         self.enqueue()
         tmp, queue = str(self.directory / "tmp"), str(self.directory)
         self.assertEqual(

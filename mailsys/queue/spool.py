@@ -36,11 +36,10 @@ Every method here blocks on the disk; the reactor calls them in a thread.
 from __future__ import annotations
 
 import fcntl
-import itertools
+import io
 import json
 import os
 import re
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
-from mailsys.maildir import CHUNK_SIZE, fsync_directory
+from mailsys.maildir import CHUNK_SIZE, fsync_directory, replace_durably
 
 # Recipient states.  A recipient is pending until the next hop takes it
 # (delivered) or we give up on it (bounced).
@@ -78,8 +77,6 @@ FORMAT_VERSION = 1
 # Queue ids become file names: a safe set, no leading dot, bounded length.
 _QUEUE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
-_counter = itertools.count(1)
-_counter_lock = threading.Lock()
 
 
 class SpoolError(Exception):
@@ -327,57 +324,28 @@ class Spool:
 
     # --- durable writes --------------------------------------------------
 
-    def _durable_file(self, name: str, write: Callable[[BinaryIO], int]) -> None:
+    def _durable_file(self, name: str, prefix: bytes, message: BinaryIO) -> None:
         """
-        Make C{<directory>/<name>} hold what C{write} writes, or leave it as
-        it was: a new file under C{tmp/}, synced, renamed over C{name}, and
-        the directory synced (the pattern of L{MaildirStore._write}).
-        C{write} returns the size it meant to write, checked against the file.
+        Make C{<directory>/<name>} hold C{prefix} and the rest of
+        C{message}, or leave it as it was: the one durable-write path of
+        L{mailsys.maildir.replace_durably} (a new file under C{tmp/}, synced,
+        renamed over C{name}, the directory synced).
         """
-        with _counter_lock:
-            unique = next(_counter)
-        temporary = self.tmp / f"{name}.{os.getpid()}.{unique}"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                expected = write(out)
-                out.flush()
-                if out.tell() != expected:
-                    raise SpoolError(f"{name}: message changed while it was written")
-                os.fsync(out.fileno())
-            os.rename(temporary, self.directory / name)
-        except BaseException:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-            raise
-        fsync_directory(self.directory)
+        start = message.tell()
+        size = len(prefix)
+        while chunk := message.read(CHUNK_SIZE):
+            size += len(chunk)
+        message.seek(start)
+        replace_durably(self.directory / name, prefix, message, size, self.tmp)
 
     def _write_envelope(self, entry: QueueEntry) -> None:
         """Write C{entry}'s envelope durably, bumping its revision."""
         entry.revision += 1
         data = json.dumps(entry.to_json(), indent=1).encode("utf-8") + b"\n"
-
-        def write(out: BinaryIO) -> int:
-            out.write(data)
-            return len(data)
-
-        self._durable_file(entry.queue_id + ENVELOPE_SUFFIX, write)
+        self._durable_file(entry.queue_id + ENVELOPE_SUFFIX, data, io.BytesIO())
 
     def _write_message(self, queue_id: str, message: BinaryIO, prefix: bytes) -> None:
-        def write(out: BinaryIO) -> int:
-            start = message.tell()
-            size = len(prefix)
-            while chunk := message.read(CHUNK_SIZE):
-                size += len(chunk)
-            message.seek(start)
-            out.write(prefix)
-            while chunk := message.read(CHUNK_SIZE):
-                out.write(chunk)
-            return size
-
-        self._durable_file(queue_id + MESSAGE_SUFFIX, write)
+        self._durable_file(queue_id + MESSAGE_SUFFIX, prefix, message)
 
     # --- enqueue -----------------------------------------------------------
 
