@@ -17,6 +17,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
+from mailsys.metrics import SILENT
+
 log = Logger(namespace="mailsys.connections")
 
 
@@ -72,12 +74,14 @@ class ConnectionLimits(WrappingFactory):
         max_per_client: int,
         refusal: bytes = b"",
         service: str = "",
+        metrics=SILENT,
     ) -> None:
         super().__init__(wrappedFactory)
         self.max_connections = max_connections
         self.max_per_client = max_per_client
         self.refusal = refusal
         self.service = service
+        self.metrics = metrics  # this listener's L{mailsys.metrics.ServiceMetrics}
         self.per_client: Counter[str] = Counter()
 
     def buildProtocol(self, addr):
@@ -91,6 +95,8 @@ class ConnectionLimits(WrappingFactory):
             protocol = super().buildProtocol(addr)
             if protocol is None:
                 self._release(host)
+            else:
+                self.metrics.connection_opened()
             return protocol
         log.warn(
             "{service}: refused connection from {client}: {why} connection limit",
@@ -98,10 +104,12 @@ class ConnectionLimits(WrappingFactory):
             client=host,
             why=why,
         )
+        self.metrics.connection_refused()
         return _Refusal(self.refusal)
 
     def unregisterProtocol(self, p) -> None:
         super().unregisterProtocol(p)
+        self.metrics.connection_closed()
         self._release(_client_host(p.getPeer()))
 
     def _release(self, host: str) -> None:

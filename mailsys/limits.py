@@ -48,3 +48,9 @@ MAX_CONNECTIONS_PER_CLIENT = 20
 LOCAL_PART = 64
 DOMAIN = 255
 PATH = 256
+
+# /healthz fails when the file system of state_dir has less free space than
+# the larger of these (100 MiB: a few maximum-size messages and the queue's
+# bookkeeping; 1%: the margin file systems keep usable on large disks).
+HEALTH_MIN_FREE_BYTES = 100 * 1024 * 1024
+HEALTH_MIN_FREE_FRACTION = 0.01

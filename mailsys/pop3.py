@@ -45,6 +45,7 @@ from zope.interface import implementer
 
 from mailsys.accounts import MailUser
 from mailsys.maildir import Folder, MaildirStore, MessageGone, MessageInfo
+from mailsys.metrics import SILENT
 from mailsys.smtp.framing import Line, LineFramer
 
 log = Logger(namespace="mailsys.pop3")
@@ -531,6 +532,7 @@ class POP3Server(pop3.POP3):
     allow_plaintext_on_loopback = False
     timeOut = POP3_TIMEOUT
     run_blocking: Any = staticmethod(defer.maybeDeferred)
+    metrics: Any = SILENT  # this listener's ServiceMetrics
 
     state = State.AUTHORIZATION
     mbox: POP3Mailbox | None = None  # type: ignore[assignment]
@@ -957,6 +959,7 @@ class POP3Server(pop3.POP3):
 
         def refused(failure):
             failure.trap(LoginFailed, LoginDenied)
+            self.metrics.auth_failed()
             log.info(
                 "pop3 login failed for {user} from {client} via {mechanism}",
                 user=user,
@@ -1160,6 +1163,7 @@ class POP3ServerFactory(ServerFactory):
     @param run_blocking: C{f(callable, *args) -> Deferred} running blocking
         store calls off the reactor thread; the clock's thread pool by
         default (tests pass C{defer.maybeDeferred}).
+    @param metrics: this listener's L{mailsys.metrics.ServiceMetrics}.
     """
 
     protocol = POP3Server
@@ -1174,8 +1178,10 @@ class POP3ServerFactory(ServerFactory):
         allow_plaintext_on_loopback: bool = False,
         timeout: float = POP3_TIMEOUT,
         run_blocking: Callable[..., defer.Deferred] | None = None,
+        metrics: Any = SILENT,
     ) -> None:
         self.portal = portal
+        self.metrics = metrics
         self.hostname = hostname.encode("ascii")
         self.clock = clock
         self.tls = tls
@@ -1200,4 +1206,5 @@ class POP3ServerFactory(ServerFactory):
         p.allow_plaintext_on_loopback = self.allow_plaintext_on_loopback
         p.timeOut = self.timeout
         p.run_blocking = self.run_blocking
+        p.metrics = self.metrics
         return p

@@ -25,10 +25,12 @@ from twisted.cred.portal import Portal
 from twisted.mail.pop3 import IMailbox
 
 from mailsys import config as configuration
+from mailsys import web
 from mailsys.accounts import MailRealm, PasswordChecker, UserStore
 from mailsys.connections import ConnectionLimits
 from mailsys.imap import IIMAPAccount, IMAPServerFactory, imap_avatar
 from mailsys.maildir import MaildirStore
+from mailsys.metrics import MailMetrics
 from mailsys.pop3 import POP3ServerFactory, pop3_avatar
 from mailsys.queue.client import SMTPTransport, make_resolver
 from mailsys.queue.local import LocalTransport
@@ -70,13 +72,30 @@ class Options(usage.Options):
 class Listener(StreamServerEndpointService):
     """
     One listener.  A failure to listen (port in use, no permission) stops
-    the start-up instead of being logged and ignored, and L{listening}
+    the start-up instead of being logged and ignored, and L{bound}
     gives the bound port to those who asked for port 0 (the tests).
+
+    @ivar port: the IListeningPort while listening, else C{None}
+        (C{/healthz} and autoconfiguration read it).
     """
+
+    port = None
 
     def __init__(self, endpoint, factory) -> None:
         super().__init__(endpoint, factory)
         self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port):
+        self.port = port
+        return port
+
+    def stopService(self):
+        self.port = None
+        return super().stopService()
 
     def bound(self) -> Deferred:
         """A new Deferred firing with the IListeningPort once bound."""
@@ -183,6 +202,7 @@ def build(cfg: configuration.Config, reactor) -> MailSystem:
         MailRealm(cfg.mail_dir, {IMailbox: pop3_avatar, IIMAPAccount: imap_avatar}),
         [PasswordChecker(top.users, reactor)],
     )
+    top.metrics = MailMetrics()
     top.queue = _build_queue(cfg, top, reactor)
 
     reloader = _SignalReload(
@@ -204,6 +224,7 @@ def build(cfg: configuration.Config, reactor) -> MailSystem:
             cfg.limits.max_connections_per_client,
             refusal=refusal,
             service=name,
+            metrics=top.metrics.service(name),
         )
         service = Listener(serverFromString(reactor, description), limited)
         service.setName(name)
@@ -215,7 +236,8 @@ def build(cfg: configuration.Config, reactor) -> MailSystem:
             "development instance for {domains}: state in {state}; add a user with "
             "'mailsys user add alice@example.test', then send mail to port 2525 "
             "(or submit on 2587/2465 with AUTH) and read it with IMAP on 2143/2993 "
-            "or POP3 on 2110/2995",
+            "or POP3 on 2110/2995; client autoconfiguration, /healthz and /metrics "
+            "are on http://127.0.0.1:2080/",
             domains=", ".join(cfg.domains),
             state=str(cfg.state_dir),
         )
@@ -249,7 +271,9 @@ def _build_queue(cfg: configuration.Config, top: MailSystem, reactor) -> Outboun
         postmaster=f"postmaster@{cfg.domains[0]}",
         max_concurrent=relay.max_concurrent,
         max_per_destination=relay.max_per_destination,
+        metrics=top.metrics,
     )
+    top.metrics.watch_queue(runner)
     runner.setName("queue")
     runner.setServiceParent(top)
     return OutboundQueue(spool, runner, reactor)
@@ -258,17 +282,22 @@ def _build_queue(cfg: configuration.Config, top: MailSystem, reactor) -> Outboun
 _SMTP_REFUSAL = b"421 4.7.0 Too many connections, try again later\r\n"
 _POP3_REFUSAL = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
 _IMAP_REFUSAL = b"* BYE Too many connections, try again later\r\n"
+_HTTP_REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+    b"Connection: close\r\n\r\n"
+)
 
 
 def _listener_factory(name: str, cfg: configuration.Config, top: MailSystem, reactor, incoming):
     """The protocol factory of listener C{name} and what it says when full,
     or C{None} for a listener this version does not serve."""
     hostname = cfg.server.hostname
+    metrics = top.metrics.service(name)
     if name == "smtp":
         delivery = LocalDelivery(top.router, top.store, hostname, reactor, queue=top.queue)
         factory = ESMTPServerFactory(
             delivery, hostname, cfg.limits, reactor,
-            tls=top.tls.contextFactory(), spool_dir=incoming,
+            tls=top.tls.contextFactory(), spool_dir=incoming, metrics=metrics,
         )
         return factory, _SMTP_REFUSAL
     if name in ("submission", "submissions"):
@@ -286,6 +315,7 @@ def _listener_factory(name: str, cfg: configuration.Config, top: MailSystem, rea
             require_auth=True,
             implicit_tls=implicit,
             allow_plaintext_auth=cfg.auth.allow_plaintext_on_loopback,
+            metrics=metrics,
         )
         if implicit:
             return top.tls.wrap(factory), b""
@@ -297,6 +327,7 @@ def _listener_factory(name: str, cfg: configuration.Config, top: MailSystem, rea
             tls=None if implicit else top.tls.contextFactory(),
             implicit_tls=implicit,
             allow_plaintext_on_loopback=cfg.auth.allow_plaintext_on_loopback,
+            metrics=metrics,
         )
         if implicit:
             return top.tls.wrap(factory), b""
@@ -309,8 +340,11 @@ def _listener_factory(name: str, cfg: configuration.Config, top: MailSystem, rea
             implicit_tls=implicit,
             allow_plaintext_on_loopback=cfg.auth.allow_plaintext_on_loopback,
             max_message_size=cfg.limits.max_message_size,
+            metrics=metrics,
         )
         if implicit:
             return top.tls.wrap(factory), b""
         return factory, _IMAP_REFUSAL
+    if name == "http":
+        return web.site(cfg, top, reactor), _HTTP_REFUSAL
     return None

@@ -64,6 +64,7 @@ from mailsys.imap.mailbox import (
 )
 from mailsys.imap.search import BadCharset, parse_search, search
 from mailsys.imap.syntax import Arguments, BadCommand, Literal
+from mailsys.metrics import SILENT
 
 log = Logger(namespace="mailsys.imap")
 
@@ -725,6 +726,7 @@ class IMAPServer(Protocol, TimeoutMixin):
             self._tagged(tag, b"NO", "[UNAVAILABLE] Cannot check passwords, try later")
             return
         self._auth_failures += 1
+        self.factory.metrics.auth_failed()
         log.info("imap failed login from {client}", client=self.client)
         self._tagged(tag, b"NO", "[AUTHENTICATIONFAILED] Authentication failed")
         if self._auth_failures >= MAX_AUTH_FAILURES:
@@ -1518,6 +1520,7 @@ class IMAPServerFactory(ServerFactory):
     @param blocking: runs blocking store calls, returning a Deferred; the
         clock's thread pool when the clock is a reactor, else in line (a
         C{task.Clock} in tests).
+    @param metrics: this listener's L{mailsys.metrics.ServiceMetrics}.
     """
 
     protocol = IMAPServer
@@ -1533,8 +1536,10 @@ class IMAPServerFactory(ServerFactory):
         read_only: bool = False,
         max_message_size: int = limits.SMTP_MAX_MESSAGE_SIZE,
         blocking: Callable[..., defer.Deferred[Any]] | None = None,
+        metrics: Any = SILENT,
     ) -> None:
         self.portal = portal
+        self.metrics = metrics
         self.hostname = hostname
         self.clock = clock
         self.tls = tls

@@ -49,6 +49,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from mailsys.metrics import SILENT
 from mailsys.queue import bounce
 from mailsys.queue.interfaces import IOutboundTransport, RecipientResult
 from mailsys.queue.spool import (
@@ -142,6 +143,7 @@ class QueueRunner(Service):
         (a L{task.Clock}: tests stay synchronous).
     @param rescan_interval: seconds between re-reads of the spool, which is
         how changes made by C{mailsys queue} reach a running server.
+    @param metrics: counts each recorded result (L{mailsys.metrics}).
 
     @ivar entries: every entry known to be queued, by id.
     """
@@ -161,6 +163,7 @@ class QueueRunner(Service):
         *,
         threads: Callable[..., Deferred] | None = None,
         rescan_interval: float = RESCAN_INTERVAL,
+        metrics: Any = SILENT,
     ) -> None:
         self.spool = spool
         self.local = local
@@ -183,6 +186,7 @@ class QueueRunner(Service):
                 threads = _synchronously
         self._threads = threads
         self.rescan_interval = rescan_interval
+        self.metrics = metrics
 
         self.entries: dict[str, QueueEntry] = {}
         self._timers: dict[str, IDelayedCall] = {}
@@ -515,12 +519,16 @@ class QueueRunner(Service):
             status = entry.recipient(result.recipient) if entry is not None else None
             if result.delivered:
                 outcome = "delivered"
+                age = self.clock.seconds() - entry.created if entry is not None else None
+                self.metrics.queue_result("delivered", age)
             elif status is None:
                 outcome = "not recorded (entry removed from the queue)"
             elif status.state == BOUNCED:
                 outcome = "bounced" if result.permanent else "expired, bounced"
+                self.metrics.queue_result("bounced")
             else:
                 outcome = f"deferred, next attempt {_when(status.next_attempt)}"
+                self.metrics.queue_result("deferred")
             log.info(
                 "{queue_id}: to=<{recipient}> relay={next_hop} reply={code} {text}:"
                 " {outcome}",

@@ -44,6 +44,7 @@ from mailsys import limits
 from mailsys.accounts import IMailUser
 from mailsys.addresses import AddressError, MailAddress, parse_path
 from mailsys.config import LimitsSection
+from mailsys.metrics import SILENT
 from mailsys.smtp.framing import Line, LineFramer
 from mailsys.smtp.interfaces import (
     Envelope,
@@ -183,6 +184,7 @@ class ESMTPServer(smtp.ESMTP):
     require_auth = False  # submission: MAIL needs AUTH first (RFC 6409 4.3)
     implicit_tls = False  # submissions: TLS from the first byte (RFC 8314)
     allow_plaintext_auth = False  # AUTH before TLS, loopback clients only
+    metrics = SILENT  # this listener's ServiceMetrics
 
     state: State = State.GREETED
     session: Session
@@ -558,6 +560,7 @@ class ESMTPServer(smtp.ESMTP):
                 client=self.session.client_host,
                 why=getattr(failure.value, "resp", failure.getErrorMessage()),
             )
+            self.metrics.message_refused("mail", getattr(failure.value, "resp", "4.3.0"))
             self._sendReplyFailure(failure, "sender validation")
 
         d = defer.maybeDeferred(self.delivery.validateFrom, self.session, envelope)
@@ -617,6 +620,7 @@ class ESMTPServer(smtp.ESMTP):
                 client=self.session.client_host,
                 why=getattr(failure.value, "resp", failure.getErrorMessage()),
             )
+            self.metrics.message_refused("rcpt", getattr(failure.value, "resp", "4.3.0"))
             self._sendReplyFailure(failure, "recipient validation")
 
         d = defer.maybeDeferred(
@@ -754,6 +758,7 @@ class ESMTPServer(smtp.ESMTP):
         self._await(d)
 
     def _authFailed(self, username: bytes) -> None:
+        self.metrics.auth_failed()
         log.info(
             "AUTH failed user={user} client={client} session={session}",
             user=username.decode("utf-8", "replace")[:100],
@@ -788,6 +793,7 @@ class ESMTPServer(smtp.ESMTP):
                 queue=envelope.queue_id,
                 why=message.refusal.resp,
             )
+            self.metrics.message_refused("data", message.refusal.resp)
             self._write(message.refusal.code, message.refusal.resp)
             return
         if message.normalized_lf:
@@ -798,6 +804,7 @@ class ESMTPServer(smtp.ESMTP):
         )
 
         def stored(ignored):
+            self.metrics.message_accepted()
             self.reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}")
 
         def failed(failure):
@@ -806,6 +813,7 @@ class ESMTPServer(smtp.ESMTP):
                 queue=envelope.queue_id,
                 why=failure.getErrorMessage(),
             )
+            self.metrics.message_refused("data", getattr(failure.value, "resp", "4.3.0"))
             if failure.check(Reply):
                 self._write(failure.value.code, failure.value.resp)
             else:
@@ -901,6 +909,7 @@ class ESMTPServerFactory(ServerFactory):
         require_auth: bool = False,
         implicit_tls: bool = False,
         allow_plaintext_auth: bool = False,
+        metrics=SILENT,
     ) -> None:
         """
         @param portal: a twisted.cred portal for AUTH (the user store's
@@ -911,6 +920,7 @@ class ESMTPServerFactory(ServerFactory):
             (submissions on 465); no STARTTLS is offered.
         @param allow_plaintext_auth: offer AUTH before TLS to loopback
             clients (development and local tests only).
+        @param metrics: this listener's L{mailsys.metrics.ServiceMetrics}.
         """
         self.delivery = delivery
         self.hostname = hostname.encode("ascii")
@@ -922,6 +932,7 @@ class ESMTPServerFactory(ServerFactory):
         self.require_auth = require_auth
         self.implicit_tls = implicit_tls
         self.allow_plaintext_auth = allow_plaintext_auth
+        self.metrics = metrics
 
     def buildProtocol(self, addr):
         p = self.protocol(contextFactory=self.tls)
@@ -935,4 +946,5 @@ class ESMTPServerFactory(ServerFactory):
         p.require_auth = self.require_auth
         p.implicit_tls = self.implicit_tls
         p.allow_plaintext_auth = self.allow_plaintext_auth
+        p.metrics = self.metrics
         return p
