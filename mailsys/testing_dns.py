@@ -1,6 +1,7 @@
 """
-A loopback DNS server for tests, so that MX routing can be exercised with
-the real resolver code (C{twisted.names.client}) and no network.
+A loopback DNS server for tests, so that MX routing and C{mailsys
+check-dns} can be exercised with the real resolver code
+(C{twisted.names.client}) and no network.
 
     port, stop = start_dns(reactor, {
         "b.test": {"MX": [(10, "mx1.b.test"), (20, "mx2.b.test")]},
@@ -8,6 +9,9 @@ the real resolver code (C{twisted.names.client}) and no network.
         "mx2.b.test": {"A": ["127.0.0.1"], "AAAA": ["::1"]},
         "nomail.test": {"MX": [(0, ".")]},        # null MX, RFC 7505
         "broken.test": "SERVFAIL",
+        "c.test": {"TXT": ["v=spf1 mx -all", ("two ", "strings")]},
+        "_imaps._tcp.c.test": {"SRV": [(0, 1, 993, "mail.c.test")]},
+        "autoconfig.c.test": {"CNAME": ["mail.c.test"]},
     })
     resolver = make_resolver(reactor, f"127.0.0.1:{port}")
     ...
@@ -56,6 +60,28 @@ class _Zone(common.ResolverBase):
 
 
 def _payloads(entry: Mapping[str, Any], type: int) -> list:
+    if type == dns.TXT:
+        # A string is one TXT record of one string; a tuple, one record of
+        # several strings (RFC 1035 3.3.14).
+        return [
+            dns.Record_TXT(
+                *[part.encode("utf-8") for part in _strings(text)], ttl=60
+            )
+            for text in entry.get("TXT", [])
+        ]
+    if type == dns.SRV:
+        return [
+            # The target "." (the root) says "not offered" (RFC 2782).
+            dns.Record_SRV(
+                priority, weight, port, target.rstrip(".").encode("ascii"), ttl=60
+            )
+            for priority, weight, port, target in entry.get("SRV", [])
+        ]
+    if type == dns.CNAME:
+        return [
+            dns.Record_CNAME(target.rstrip(".").encode("ascii"), ttl=60)
+            for target in entry.get("CNAME", [])
+        ]
     if type == dns.MX:
         return [
             # "." (the root, an empty name) is the null MX of RFC 7505.
@@ -67,6 +93,10 @@ def _payloads(entry: Mapping[str, Any], type: int) -> list:
     if type == dns.AAAA:
         return [dns.Record_AAAA(address, ttl=60) for address in entry.get("AAAA", [])]
     return []
+
+
+def _strings(text: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (text,) if isinstance(text, str) else tuple(text)
 
 
 class _ServerFactory(server.DNSServerFactory):
@@ -87,7 +117,9 @@ def start_dns(
     Serve C{records} on C{127.0.0.1}, on a free UDP port.
 
     @param records: name -> C{{"MX": [(preference, host), ...], "A": [...],
-        "AAAA": [...]}}, or name -> C{"SERVFAIL"}; see the module docstring.
+        "AAAA": [...], "TXT": [text or (string, ...), ...], "SRV":
+        [(priority, weight, port, target), ...], "CNAME": [target]}}, or
+        name -> C{"SERVFAIL"}; see the module docstring.
     @return: C{(port, stop)}; C{stop()} closes the port and returns a
         L{Deferred} that fires once it is closed.
     """
