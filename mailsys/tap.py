@@ -17,6 +17,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -45,7 +46,9 @@ log = Logger(namespace="mailsys")
 
 def _fail(message: str) -> None:
     """One line for the administrator, exit status 2, no traceback."""
-    sys.stderr.write(f"mailsys: {message}\n")
+    # twistd may have put its log in place of sys.stderr by now.
+    sys.__stderr__.write(f"mailsys: {message}\n")
+    sys.__stderr__.flush()
     raise SystemExit(2)
 
 
@@ -86,7 +89,11 @@ class Listener(StreamServerEndpointService):
         self._raiseSynchronously = True
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            # Port in use, or no permission: one line, exit status 2.
+            _fail(f"listen.{self.name}: cannot listen: {e.socketError}")
         self._waitingForPort.addCallback(self._listening)
 
     def _listening(self, port):

@@ -313,3 +313,29 @@ class ReloadTests(SynchronousTestCase):
         reload()
         self.assertEqual(the_router.resolve(info).local, (parse_address("alice@example.test"),))
         self.flushLoggedErrors()
+
+
+class PortInUseTests(SynchronousTestCase):
+    def test_port_in_use_exits_2(self):
+        """A listener whose port is taken stops the start with one line
+        naming the listener and exit status 2, not a traceback."""
+        cwd = Path(self.mktemp()).resolve()
+        cwd.mkdir()
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            (cwd / "mailsys.toml").write_text(
+                f'[server]\nstate_dir = "state"\n'
+                f'[listen]\nsmtp = "tcp:{port}:interface=127.0.0.1"\n'
+            )
+            env = dict(os.environ, PYTHONPATH=str(PROJECT))
+            proc = subprocess.run(
+                [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "mailsys",
+                 "--config", "mailsys.toml"],
+                cwd=cwd, env=env, capture_output=True, timeout=60,
+            )
+        self.assertEqual(proc.returncode, 2, proc.stderr)
+        self.assertNotIn(b"Traceback", proc.stderr)
+        last = proc.stderr.decode().strip().splitlines()[-1]
+        self.assertTrue(last.startswith("mailsys: listen.smtp: cannot listen"), last)
