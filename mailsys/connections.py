@@ -11,6 +11,7 @@ instead of in each protocol.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 
 from twisted.internet.protocol import Protocol
@@ -48,6 +49,20 @@ def set_no_delay(transport) -> None:
             setter(True)
         except OSError:
             pass
+
+
+def is_loopback(host: str) -> bool:
+    """
+    Whether C{host} (a client's address as text) is 127.0.0.0/8 or ::1,
+    also as an IPv4-mapped address: the only clients that may send a
+    password before TLS, and only when the configuration allows it.
+    """
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 def _client_host(addr) -> str:

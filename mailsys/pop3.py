@@ -24,7 +24,6 @@ import binascii
 import enum
 import fcntl
 import hashlib
-import ipaddress
 import os
 import re
 import socket
@@ -44,6 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsys.accounts import MailUser
+from mailsys.connections import is_loopback
 from mailsys.maildir import Folder, MaildirStore, MessageGone, MessageInfo
 from mailsys.metrics import SILENT
 from mailsys.smtp.framing import Line, LineFramer
@@ -490,14 +490,6 @@ _ALL_COMMANDS = set().union(*_COMMANDS.values())
 _CREDENTIAL_COMMANDS = {"USER", "PASS", "AUTH"}
 
 
-def is_loopback(host: str) -> bool:
-    """Whether C{host} is 127.0.0.0/8 or ::1 (also IPv4-mapped)."""
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
 
 
 def _printable(data: bytes) -> str:

@@ -24,6 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from mailsys.accounts import MailRealm, MailUser
+from mailsys.connections import is_loopback
 from mailsys.imap import IIMAPAccount, IMAPAccount, IMAPServerFactory, imap_avatar
 from mailsys.imap import server as imap_server
 from mailsys.imap.testing import MemoryMailbox
@@ -1284,6 +1285,6 @@ class InternalsTests(SynchronousTestCase):
         """127.0.0.0/8, ::1 and the IPv4-mapped loopback are loopback; a
         host name or another address is not."""
         for host in ("127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1"):
-            self.assertTrue(imap_server._is_loopback(host), host)
+            self.assertTrue(is_loopback(host), host)
         for host in ("192.0.2.1", "::2", "localhost", "?"):
-            self.assertFalse(imap_server._is_loopback(host), host)
+            self.assertFalse(is_loopback(host), host)

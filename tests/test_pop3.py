@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from mailsys.connections import is_loopback
 from mailsys.maildir import MessageGone, MessageInfo
 from mailsys.pop3 import (
     CHUNK_SIZE,
@@ -35,7 +36,6 @@ from mailsys.pop3 import (
     POP3Mailbox,
     POP3ServerFactory,
     _Transparency,
-    is_loopback,
     uidl_for,
 )
 from mailsys.testing import TLSStringTransport

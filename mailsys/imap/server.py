@@ -31,7 +31,6 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import ipaddress
 from typing import Any, Callable
 
 from twisted.cred.credentials import UsernamePassword
@@ -51,6 +50,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsys import limits
+from mailsys.connections import is_loopback
 from mailsys.imap import syntax, utf7
 from mailsys.imap.fetch import MESSAGE, FetchItem, MessageCache, fetch_one, parse_items
 from mailsys.imap.mailbox import (
@@ -220,13 +220,6 @@ class _WriteFlow:
         return d
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
 
 
 class IMAPServer(Protocol, TimeoutMixin):
@@ -352,7 +345,7 @@ class IMAPServer(Protocol, TimeoutMixin):
 
     def _passwords_allowed(self) -> bool:
         return self._tls or (
-            self.factory.allow_plaintext_on_loopback and _is_loopback(self.client)
+            self.factory.allow_plaintext_on_loopback and is_loopback(self.client)
         )
 
     # -- input --------------------------------------------------------------

@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import ipaddress
 import re
 import tempfile
 from pathlib import Path
@@ -44,6 +43,7 @@ from mailsys import limits
 from mailsys.accounts import IMailUser
 from mailsys.addresses import AddressError, MailAddress, parse_path
 from mailsys.config import LimitsSection
+from mailsys.connections import is_loopback
 from mailsys.metrics import SILENT
 from mailsys.smtp.framing import Line, LineFramer
 from mailsys.smtp.interfaces import (
@@ -401,7 +401,7 @@ class ESMTPServer(smtp.ESMTP):
             return False
         if self.startedTLS:
             return True
-        return self.allow_plaintext_auth and _is_loopback(self.session.client_host)
+        return self.allow_plaintext_auth and is_loopback(self.session.client_host)
 
     def _hello(self, argument: str, esmtp: bool) -> None:
         if not _HELO_ARGUMENT.match(argument):
@@ -836,13 +836,6 @@ class ESMTPServer(smtp.ESMTP):
             self.message.discard()
             self.message = None
 
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _parse_command_path(
