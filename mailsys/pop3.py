@@ -46,7 +46,7 @@ from mailsys.accounts import MailUser
 from mailsys.connections import is_loopback
 from mailsys.maildir import Folder, MaildirStore, MessageGone, MessageInfo
 from mailsys.metrics import SILENT
-from mailsys.smtp.framing import Line, LineFramer
+from mailsys.lines import Line, LineFramer, OrderedInput
 
 log = Logger(namespace="mailsys.pop3")
 
@@ -67,9 +67,6 @@ UIDL_LENGTH = 70
 
 # Read messages in pieces this big; a 25 MiB message never sits in memory.
 CHUNK_SIZE = 64 * 1024
-# Stop reading from a client that keeps pipelining while a reply is
-# pending once this much is buffered.
-_PIPELINE_BUFFER = 64 * 1024
 
 # The session lock, a file in the INBOX maildir; "mailsys-" names are
 # ignored by Dovecot and mutt, as the store's own state files are.
@@ -506,7 +503,7 @@ def _b64decode(data: bytes) -> bytes | None:
         return None
 
 
-class POP3Server(pop3.POP3):
+class POP3Server(OrderedInput, pop3.POP3):
     """
     One POP3 session.
 
@@ -531,8 +528,6 @@ class POP3Server(pop3.POP3):
 
     def __init__(self) -> None:
         self._framer = LineFramer()
-        self._waiting = False
-        self._paused = False
         self._closed = False
         self._user: bytes | None = None
         self._sasl: Callable[[bytes], None] | None = None
@@ -641,37 +636,10 @@ class POP3Server(pop3.POP3):
                 self._saslLine(line)
             else:
                 self._commandLine(line)
-        flooding = self._framer.buffered > _PIPELINE_BUFFER
-        if self._waiting and not self._paused and flooding:
-            self._paused = True
-            self.transport.pauseProducing()
+        self._holdIfFlooded()
 
-    def _await(self, d: defer.Deferred) -> None:
-        """
-        Hold further input until C{d} has fired, so a pipelined command is
-        answered only after the one before it (RFC 2449 6.6).
-        """
-        fired: list[bool] = []
-
-        def note(result):
-            fired.append(True)
-            return result
-
-        d.addBoth(note)
-        if fired:
-            return
-        self._waiting = True
-
-        def resume(ignored):
-            self._waiting = False
-            if self._paused:
-                self._paused = False
-                self.transport.resumeProducing()
-            if not self._closed and not self.transport.disconnecting:
-                self._processInput()
-            return None
-
-        d.addBoth(resume)
+    def _inputOpen(self) -> bool:
+        return not self._closed and not self.transport.disconnecting
 
     def _lineProblem(self, line: Line) -> str | None:
         """Why a line cannot be a command, or C{None}."""

@@ -45,7 +45,7 @@ from mailsys.addresses import AddressError, MailAddress, parse_path
 from mailsys.config import LimitsSection
 from mailsys.connections import is_loopback
 from mailsys.metrics import SILENT
-from mailsys.smtp.framing import Line, LineFramer
+from mailsys.lines import Line, LineFramer, OrderedInput
 from mailsys.smtp.interfaces import (
     Envelope,
     ISMTPDelivery,
@@ -55,10 +55,6 @@ from mailsys.smtp.interfaces import (
 )
 
 log = Logger(namespace="mailsys.smtp")
-
-# Stop reading from a client that keeps pipelining while a reply is
-# pending once this much is buffered.
-_PIPELINE_BUFFER = 64 * 1024
 
 # Keep messages in memory up to this size, then spill to a file.
 _SPOOL_IN_MEMORY = 1024 * 1024
@@ -164,7 +160,7 @@ class IncomingMessage:
             self._file = None
 
 
-class ESMTPServer(smtp.ESMTP):
+class ESMTPServer(OrderedInput, smtp.ESMTP):
     """
     One SMTP session.
 
@@ -195,8 +191,6 @@ class ESMTPServer(smtp.ESMTP):
     def __init__(self, contextFactory=None) -> None:
         smtp.ESMTP.__init__(self, chal={}, contextFactory=contextFactory)
         self._framer = LineFramer()
-        self._waiting = False
-        self._paused = False
         self._previous_crlf = True
         # While a SASL exchange runs, client lines are answers, not commands.
         self._sasl: Callable[[str], None] | None = None
@@ -318,36 +312,7 @@ class ESMTPServer(smtp.ESMTP):
             else:
                 self.resetTimeout()
                 self._commandLine(line)
-        if self._waiting and not self._paused and self._framer.buffered > _PIPELINE_BUFFER:
-            self._paused = True
-            self.transport.pauseProducing()
-
-    def _await(self, d: defer.Deferred) -> None:
-        """
-        Hold further input until C{d} has fired, so a pipelined command is
-        answered only after the one before it (RFC 2920 3.1).
-        """
-        fired: list[bool] = []
-
-        def note(result):
-            fired.append(True)
-            return result
-
-        d.addBoth(note)
-        if fired:
-            return
-        self._waiting = True
-
-        def resume(ignored):
-            self._waiting = False
-            if self._paused:
-                self._paused = False
-                self.transport.resumeProducing()
-            if not self.transport.disconnecting:
-                self._processInput()
-            return ignored
-
-        d.addBoth(resume)
+        self._holdIfFlooded()
 
     def _commandLine(self, line: Line) -> None:
         if line.too_long:

@@ -1,5 +1,6 @@
 """
-Cutting the SMTP byte stream into lines, the place where smuggling lives.
+Line protocols' input: cutting the byte stream into lines (the place where
+SMTP smuggling lives), and answering pipelined commands in order.
 
 RFC 5321 2.3.8 says lines end with CRLF and nothing else.  Many servers
 also accept a bare LF, and the disagreement between two servers about where
@@ -16,6 +17,12 @@ us buffer megabytes by never sending a newline.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from twisted.internet import defer
+
+# Stop reading from a client that keeps pipelining while a reply is pending
+# once this much is buffered.
+PIPELINE_BUFFER = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -96,3 +103,56 @@ class LineFramer:
             if len(raw) + 2 > limit:
                 return Line(b"", crlf=crlf, too_long=True)
             return Line(raw, crlf=crlf)
+
+
+class OrderedInput:
+    """
+    Mixin for the SMTP and POP3 servers, which answer one command at a
+    time: while a command's reply waits on a Deferred (the disk, a password
+    check), further input stays in the framer, so replies to pipelined
+    commands keep their order (RFC 2920 3.1, RFC 2449 6.6); past
+    L{PIPELINE_BUFFER} the transport is paused until the reply is sent.
+
+    The protocol provides C{_framer} (a L{LineFramer}), C{_processInput()}
+    (which takes lines while C{_waiting} is false and then calls
+    L{_holdIfFlooded}) and C{transport}.
+    """
+
+    _waiting = False
+    _paused = False
+
+    def _inputOpen(self) -> bool:
+        """Whether input should still be processed."""
+        return not self.transport.disconnecting
+
+    def _holdIfFlooded(self) -> None:
+        if self._waiting and not self._paused and self._framer.buffered > PIPELINE_BUFFER:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _await(self, d: defer.Deferred) -> None:
+        """
+        Hold further input until C{d} has fired, so a pipelined command is
+        answered only after the one before it.
+        """
+        fired: list[bool] = []
+
+        def note(result):
+            fired.append(True)
+            return result
+
+        d.addBoth(note)
+        if fired:
+            return
+        self._waiting = True
+
+        def resume(result):
+            self._waiting = False
+            if self._paused:
+                self._paused = False
+                self.transport.resumeProducing()
+            if self._inputOpen():
+                self._processInput()
+            return result
+
+        d.addBoth(resume)
