@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from mailsys import config as configuration
 from mailsys.accounts import AccountError, UserStore, maildir_path
 from mailsys.addresses import MailAddress
+from mailsys.cli_dns import add_dns_commands
+from mailsys.cli_mailbox import add_mailbox_commands
 from mailsys.config import Config, ConfigError
 from mailsys.queue.bounce import original_headers
 from mailsys.queue.runner import RESCAN_INTERVAL
@@ -397,6 +399,8 @@ COMMANDS: list[Callable[[_Subparsers], None]] = [
     add_user_commands,
     add_check_config_command,
     add_queue_commands,
+    add_dns_commands,
+    add_mailbox_commands,
 ]
 
 
