@@ -55,8 +55,11 @@ from typing import (
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 
 from mailsys import limits
+
+log = Logger(namespace="mailsys.maildir")
 
 # Read and write messages in pieces this big, so a 25 MiB message never has
 # to sit in memory once per recipient.
@@ -1116,6 +1119,15 @@ class Folder:
                 if located is None:
                     return None
                 path = located
+            except OSError as e:
+                # One unreadable file (permissions, a bad sector) must not
+                # hide the whole folder: skip it, say so, try again next scan.
+                log.warn(
+                    "skipping unreadable message {path}: {error}",
+                    path=str(path),
+                    error=_one_line(e),
+                )
+                return None
         return None
 
     def _cached_entries(self) -> dict[str, _Entry]:

@@ -1186,3 +1186,35 @@ class LargeFolderTests(SynchronousTestCase):
         self.assertEqual(messageFiles(touched)[:3], [])
         self.assertEqual(Folder(inbox.path, "INBOX", HOST).scan(), first)
         self.assertEqual(messageFiles(touched)[:3], [])
+
+
+class UnreadableMessageTests(SynchronousTestCase):
+    def test_unreadable_file_skipped(self):
+        """A message file that cannot be read (no ,W= size in its name, so
+        it must be read) is skipped with a log line; the folder still
+        opens and lists the others, and it comes back once readable."""
+        import builtins
+
+        from twisted.logger import globalLogPublisher
+
+        root = Path(self.mktemp())
+        store = MaildirStore(root, "mx.example.test")
+        inbox = store.create("alice@example.test")
+        (inbox / "cur" / "1.mutt:2,S").write_bytes(b"Subject: a\n\nA\n")
+        (inbox / "cur" / "2.mutt:2,").write_bytes(b"Subject: b\n\nB\n")
+        real_open = builtins.open
+
+        def failing_open(path, *args, **kwargs):
+            if str(path).endswith("2.mutt:2,"):
+                raise PermissionError(13, "Permission denied")
+            return real_open(path, *args, **kwargs)
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.patch(builtins, "open", failing_open)
+        folder = Folder(inbox, "INBOX")
+        self.assertEqual([info.key for info in folder.scan()], ["1.mutt"])
+        self.assertTrue(any("skipping unreadable message" in e.get("log_format", "") for e in events))
+        self.patch(builtins, "open", real_open)
+        self.assertEqual([info.key for info in folder.scan()], ["1.mutt", "2.mutt"])
