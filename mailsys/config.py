@@ -179,6 +179,21 @@ class AuthSection:
 
 
 @dataclass(frozen=True)
+class IMAPSection:
+    """
+    Options of one IMAP listener: C{[imap]} for the STARTTLS one, C{[imaps]}
+    for the implicit-TLS one.
+
+    @ivar read_only: serve mailboxes read-only on this listener: every
+        SELECT behaves as EXAMINE, and APPEND, STORE, EXPUNGE, COPY, MOVE,
+        CREATE, DELETE and RENAME are refused with a clear NO (an archive,
+        or a second port for a viewer that must never change anything).
+    """
+
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     """
     The whole, validated configuration.
@@ -199,6 +214,8 @@ class Config:
     submission: SubmissionSection = field(default_factory=SubmissionSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     auth: AuthSection = field(default_factory=AuthSection)
+    imap: IMAPSection = field(default_factory=IMAPSection)
+    imaps: IMAPSection = field(default_factory=IMAPSection)
 
     @property
     def state_dir(self) -> Path:
@@ -239,6 +256,8 @@ _SECTIONS = (
     "relay",
     "submission",
     "limits",
+    "imap",
+    "imaps",
 )
 # The keys of [relay]; routes is a table of its own.
 _RELAY_KEYS = tuple(f.name for f in dataclasses.fields(RelaySection))
@@ -336,6 +355,12 @@ def _build(data: dict[str, Any], source: Path) -> Config:
     )
     limit_names = tuple(f.name for f in dataclasses.fields(LimitsSection))
     limits_section = _limits(_section(data, "limits", limit_names))
+    imap_sections = {
+        name: IMAPSection(
+            read_only=_boolean(_section(data, name, ("read_only",)), name, "read_only", False)
+        )
+        for name in ("imap", "imaps")
+    }
 
     return Config(
         path=source,
@@ -348,6 +373,7 @@ def _build(data: dict[str, Any], source: Path) -> Config:
         submission=submission_section,
         limits=limits_section,
         auth=auth_section,
+        **imap_sections,
     )
 
 
@@ -891,4 +917,6 @@ def describe(config: Config) -> str:
     section("relay.routes", config.relay.routes)
     section("submission", fields(config.submission))
     section("limits", fields(config.limits))
+    section("imap", fields(config.imap))
+    section("imaps", fields(config.imaps))
     return "\n".join(lines) + "\n"

@@ -347,6 +347,7 @@ def _listener_factory(name: str, cfg: configuration.Config, top: MailSystem, rea
             implicit_tls=implicit,
             allow_plaintext_on_loopback=cfg.auth.allow_plaintext_on_loopback,
             max_message_size=cfg.limits.max_message_size,
+            read_only=getattr(cfg, name).read_only,
             metrics=metrics,
         )
         if implicit:

@@ -625,8 +625,10 @@ class DescribeTests(ConfigTestMixin, SynchronousTestCase):
         self.assertEqual(
             list(described),
             ["server", "tls", "auth", "listen", "domains", "aliases", "relay",
-             "submission", "limits"],
+             "submission", "limits", "imap", "imaps"],
         )
+        self.assertEqual(described["imap"], {"read_only": False})
+        self.assertEqual(described["imaps"], {"read_only": False})
         self.assertEqual(set(described["listen"]), set(LISTENERS))
         limit_names = {f.name for f in dataclasses.fields(LimitsSection)}
         self.assertEqual(set(described["limits"]), limit_names)
@@ -748,3 +750,22 @@ class CatchAllConfigTests(SynchronousTestCase):
         path.write_text('[domains]\nnames = ["example.test"]\n[aliases]\n"@other.test" = ["bob@example.test"]\n')
         e = self.assertRaises(ConfigError, load, path)
         self.assertIn('aliases."@other.test"', str(e))
+
+
+class IMAPSectionTests(SynchronousTestCase):
+    def test_read_only_per_listener(self):
+        """[imap] and [imaps] each take read_only; it must be a boolean."""
+        path = Path(self.mktemp())
+        path.write_text("[imaps]\nread_only = true\n")
+        cfg = load(path)
+        self.assertFalse(cfg.imap.read_only)
+        self.assertTrue(cfg.imaps.read_only)
+        again = Path(self.mktemp())
+        again.write_text(describe(cfg))
+        self.assertTrue(load(again).imaps.read_only)
+        path.write_text('[imap]\nread_only = "yes"\n')
+        e = self.assertRaises(ConfigError, load, path)
+        self.assertIn("imap.read_only", str(e))
+        path.write_text("[imap]\nreadonly = true\n")
+        e = self.assertRaises(ConfigError, load, path)
+        self.assertIn("imap.readonly: unknown key", str(e))
