@@ -54,7 +54,8 @@ def main() -> None:
         root / "a",
         "a.test",
         f'submission = "tcp:{submission}:interface=127.0.0.1"',
-        f'[relay]\nroutes = {{ "b.test" = "127.0.0.1:{mx}" }}\nresolver = "127.0.0.1:53"\n',
+        f'[relay]\nroutes = {{ "b.test" = "127.0.0.1:{mx}" }}\n'
+        'resolver = "127.0.0.1:53"\n',
     )
     procs = [twistd(["mailsys", "--config", "mailsys.toml"], b)]
     wait_for(mx, procs[0])
@@ -88,8 +89,12 @@ def main() -> None:
             time.sleep(0.02)
         delivered = time.perf_counter() - start
         print(f"{args.clients} clients, {total} messages of ~4 KB, loopback")
-        print(f"submission accepted (queued, fsync):  {total / submitted:8.1f} messages/s")
-        print(f"end to end (stored at b.test, fsync): {total / delivered:8.1f} messages/s")
+        print(
+            f"submission accepted (queued, fsync):  {total / submitted:8.1f} messages/s"
+        )
+        print(
+            f"end to end (stored at b.test, fsync): {total / delivered:8.1f} messages/s"
+        )
     finally:
         for proc in procs:
             proc.terminate()

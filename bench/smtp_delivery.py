@@ -51,7 +51,15 @@ def wait_for(port: int, proc: subprocess.Popen) -> None:
 def twistd(args: list[str], cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(PROJECT))
     return subprocess.Popen(
-        [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "--logfile=twistd.log", *args],
+        [
+            sys.executable,
+            "-c",
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "--logfile=twistd.log",
+            *args,
+        ],
         cwd=cwd,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -70,7 +78,9 @@ def start_mailsys(work: Path) -> tuple[subprocess.Popen, int, Path]:
     sys.path.insert(0, str(PROJECT))
     from mailsys.accounts import UserStore
 
-    UserStore(work / "state" / "users.json", ["example.test"]).add("alice@example.test", "pw")
+    UserStore(work / "state" / "users.json", ["example.test"]).add(
+        "alice@example.test", "pw"
+    )
     proc = twistd(["mailsys", "--config", "mailsys.toml"], work)
     wait_for(port, proc)
     return proc, port, work / "state" / "mail" / "example.test" / "alice" / "new"
@@ -81,7 +91,12 @@ def start_twisted_peer(work: Path) -> tuple[subprocess.Popen, int, Path]:
     maildir = work / "example.test"
     maildir.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, str(PROJECT / "bench" / "twisted_peer.py"), str(port), str(maildir)],
+        [
+            sys.executable,
+            str(PROJECT / "bench" / "twisted_peer.py"),
+            str(port),
+            str(maildir),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -108,7 +123,9 @@ def send(port: int, clients: int, messages: int, size: int) -> float:
             errors.append(e)
 
     per_client = messages // clients
-    threads = [threading.Thread(target=client, args=(per_client,)) for _ in range(clients)]
+    threads = [
+        threading.Thread(target=client, args=(per_client,)) for _ in range(clients)
+    ]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -126,8 +143,14 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=400)
     parser.add_argument("--size", type=int, default=4096)
     args = parser.parse_args()
-    print(f"{args.clients} clients, {args.messages} messages of ~{args.size} bytes, loopback")
-    for name, start in (("mailsys (fsync)", start_mailsys), ("Twisted ESMTP+FileMessage (no fsync)", start_twisted_peer)):
+    print(
+        f"{args.clients} clients, {args.messages} messages "
+        f"of ~{args.size} bytes, loopback"
+    )
+    for name, start in (
+        ("mailsys (fsync)", start_mailsys),
+        ("Twisted ESMTP+FileMessage (no fsync)", start_twisted_peer),
+    ):
         work = Path(tempfile.mkdtemp(prefix="mailsys-bench-"))
         proc, port, new = start(work)
         try:

@@ -43,7 +43,9 @@ class MaildirDelivery:
         def message():
             name = os.fsdecode(_generateMaildirName())
             tmp = os.path.join(directory, "tmp", name)
-            return FileMessage(open(tmp, "wb"), tmp, os.path.join(directory, "new", name))
+            return FileMessage(
+                open(tmp, "wb"), tmp, os.path.join(directory, "new", name)
+            )
 
         return message
 

@@ -330,10 +330,13 @@ class UserStore:
         Replace the file atomically and durably: write a temporary file,
         fsync it, rename it over the old one, fsync the directory.
         """
-        data = json.dumps(
-            {"version": FORMAT_VERSION, "users": dict(sorted(users.items()))},
-            indent=2,
-        ).encode("utf-8") + b"\n"
+        data = (
+            json.dumps(
+                {"version": FORMAT_VERSION, "users": dict(sorted(users.items()))},
+                indent=2,
+            ).encode("utf-8")
+            + b"\n"
+        )
         tmp = self._path.with_name(self._path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:

@@ -91,7 +91,10 @@ def report_lines(wanted: DomainRecords, checks: list[RecordCheck]) -> list[str]:
     width = wanted.width()
     lines = [check.record.zone_line(width) for check in checks]
     column = max(len(line) for line in lines) + 2
-    result = [f"{line:<{column}}{check.describe()}" for line, check in zip(lines, checks)]
+    result = [
+        f"{line:<{column}}{check.describe()}"
+        for line, check in zip(lines, checks, strict=True)
+    ]
     wrong = sum(check.status != OK for check in checks)
     if wrong:
         result.append(f"-- {wrong} of {len(checks)} records need attention")

@@ -209,11 +209,11 @@ def table(
     """
     widths = [_width(h) for h in headers]
     for row in rows:
-        widths = [max(w, _width(cell)) for w, cell in zip(widths, row)]
+        widths = [max(w, _width(cell)) for w, cell in zip(widths, row, strict=True)]
     lines = []
     for row in [list(headers)] + [list(r) for r in rows]:
         cells = []
-        for index, (cell, w) in enumerate(zip(row, widths)):
+        for index, (cell, w) in enumerate(zip(row, widths, strict=True)):
             pad = " " * (w - _width(cell))
             cells.append(pad + cell if index in right else cell + pad)
         lines.append("  ".join(cells).rstrip())
@@ -767,4 +767,3 @@ def add_mailbox_commands(commands: _Subparsers) -> None:
     exporter.add_argument("address")
     exporter.add_argument("--mbox", required=True, metavar="FILE", type=Path)
     exporter.set_defaults(run=_export)
-

@@ -349,15 +349,15 @@ def _build(data: dict[str, Any], source: Path) -> Config:
     submission = _section(data, "submission", ("hide_client_ip", "sender_must_match"))
     submission_section = SubmissionSection(
         hide_client_ip=_boolean(submission, "submission", "hide_client_ip", False),
-        sender_must_match=_boolean(
-            submission, "submission", "sender_must_match", True
-        ),
+        sender_must_match=_boolean(submission, "submission", "sender_must_match", True),
     )
     limit_names = tuple(f.name for f in dataclasses.fields(LimitsSection))
     limits_section = _limits(_section(data, "limits", limit_names))
     imap_sections = {
         name: IMAPSection(
-            read_only=_boolean(_section(data, name, ("read_only",)), name, "read_only", False)
+            read_only=_boolean(
+                _section(data, name, ("read_only",)), name, "read_only", False
+            )
         )
         for name in ("imap", "imaps")
     }
@@ -869,9 +869,14 @@ def development(base_dir: Path | str) -> Config:
 def _toml_string(text: str) -> str:
     """A TOML basic string: quotes, backslashes and controls escaped."""
     escapes = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
-    return '"' + "".join(
-        escapes.get(c) or (f"\\u{ord(c):04x}" if _CONTROL.match(c) else c) for c in text
-    ) + '"'
+    return (
+        '"'
+        + "".join(
+            escapes.get(c) or (f"\\u{ord(c):04x}" if _CONTROL.match(c) else c)
+            for c in text
+        )
+        + '"'
+    )
 
 
 def _toml_value(value: Any) -> str:

@@ -306,7 +306,8 @@ def _normal_txt(text: str) -> str:
     if text.lower().startswith("v=dmarc1"):
         tags = [tag.strip() for tag in text.split(";") if tag.strip()]
         return "; ".join(
-            f"{k.strip().lower()}={v.strip()}" for k, _, v in (t.partition("=") for t in tags)
+            f"{k.strip().lower()}={v.strip()}"
+            for k, _, v in (t.partition("=") for t in tags)
         )
     return " ".join(text.lower().split())
 
@@ -389,5 +390,7 @@ async def check_records(
     Check every record at once (so that a slow server costs one timeout,
     not one per record); the results in the order of C{records}.
     """
-    lookups = [defer.ensureDeferred(check_record(resolver, r, timeout)) for r in records]
+    lookups = [
+        defer.ensureDeferred(check_record(resolver, r, timeout)) for r in records
+    ]
     return list(await defer.gatherResults(lookups))

@@ -910,7 +910,9 @@ def read_part(folder: Folder, info: MessageInfo, number: str) -> PartContent:
             try:
                 inner = entity.get_payload(0).as_bytes()
             except Exception as e:
-                raise InspectError(f"part {found} cannot be rebuilt: {_reason(e)}")
+                raise InspectError(
+                    f"part {found} cannot be rebuilt: {_reason(e)}"
+                ) from e
             return PartContent(part, inner, None)
         if _is_container(entity):
             inside = ", ".join(n for n, _, _ in entities if n.startswith(found + "."))
@@ -1102,8 +1104,10 @@ def _import_mbox(
                 data = data[:-2]  # a CRLF mbox's separating blank line
             data = _QUOTED_FROM.sub(rb"\1", data)
             if not starts_with_header(data):
-                report(f"mbox message {done}: not a mail message: no header fields;"
-                       " skipped")
+                report(
+                    f"mbox message {done}: not a mail message: no header fields;"
+                    " skipped"
+                )
                 skipped += 1
                 continue
             fields = header_fields(data)

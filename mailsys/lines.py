@@ -126,7 +126,11 @@ class OrderedInput:
         return not self.transport.disconnecting
 
     def _holdIfFlooded(self) -> None:
-        if self._waiting and not self._paused and self._framer.buffered > PIPELINE_BUFFER:
+        if (
+            self._waiting
+            and not self._paused
+            and self._framer.buffered > PIPELINE_BUFFER
+        ):
             self._paused = True
             self.transport.pauseProducing()
 

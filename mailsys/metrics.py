@@ -46,8 +46,19 @@ _STATUS = re.compile(rb"\s*[245]\.(\d{1,3})\.\d{1,3}(?:\s|$)")
 # a remote one seconds, a retried one minutes to days (give_up_after is 5
 # days by default).
 LATENCY_BUCKETS = (
-    0.05, 0.25, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0,
-    4 * 3600.0, 24 * 3600.0, 5 * 24 * 3600.0, float("inf"),
+    0.05,
+    0.25,
+    1.0,
+    5.0,
+    15.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    4 * 3600.0,
+    24 * 3600.0,
+    5 * 24 * 3600.0,
+    float("inf"),
 )
 
 # Listeners that take messages over SMTP, and those that take passwords.

@@ -44,9 +44,9 @@ from zope.interface import implementer
 
 from mailsys.accounts import MailUser
 from mailsys.connections import is_loopback
+from mailsys.lines import Line, LineFramer, OrderedInput
 from mailsys.maildir import Folder, MaildirStore, MessageGone, MessageInfo
 from mailsys.metrics import SILENT
-from mailsys.lines import Line, LineFramer, OrderedInput
 
 log = Logger(namespace="mailsys.pop3")
 
@@ -479,14 +479,21 @@ class State(enum.Enum):
 _COMMANDS = {
     State.AUTHORIZATION: {"CAPA", "USER", "PASS", "AUTH", "STLS", "QUIT"},
     State.TRANSACTION: {
-        "CAPA", "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "QUIT", "TOP", "UIDL",
+        "CAPA",
+        "STAT",
+        "LIST",
+        "RETR",
+        "DELE",
+        "NOOP",
+        "RSET",
+        "QUIT",
+        "TOP",
+        "UIDL",
     },
 }
 _ALL_COMMANDS = set().union(*_COMMANDS.values())
 # Commands whose arguments may be UTF-8 and up to POP3_AUTH_LINE long.
 _CREDENTIAL_COMMANDS = {"USER", "PASS", "AUTH"}
-
-
 
 
 def _printable(data: bytes) -> str:

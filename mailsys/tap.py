@@ -15,15 +15,14 @@ from pathlib import Path
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.mail.pop3 import IMailbox
 from twisted.python import usage
 from twisted.python.failure import Failure
-
-from twisted.cred.portal import Portal
-from twisted.mail.pop3 import IMailbox
 
 from mailsys import config as configuration
 from mailsys import web
@@ -43,6 +42,7 @@ from mailsys.smtp.server import ESMTPServerFactory
 from mailsys.tls import ServerTLS, TLSError, ensure_certificate
 
 log = Logger(namespace="mailsys")
+
 
 def _fail(message: str) -> None:
     """One line for the administrator, exit status 2, no traceback."""
@@ -194,7 +194,9 @@ def build(cfg: configuration.Config, reactor) -> MailSystem:
     incoming.mkdir(exist_ok=True, mode=0o700)
     try:
         if ensure_certificate(cfg.tls.cert, cfg.tls.key, cfg.server.hostname):
-            log.info("generated a self-signed certificate {cert}", cert=str(cfg.tls.cert))
+            log.info(
+                "generated a self-signed certificate {cert}", cert=str(cfg.tls.cert)
+            )
         tls = ServerTLS(cfg.tls.cert, cfg.tls.key)
         tls.load()
     except TLSError as e:
@@ -295,27 +297,42 @@ _HTTP_REFUSAL = (
 )
 
 
-def _listener_factory(name: str, cfg: configuration.Config, top: MailSystem, reactor, incoming):
+def _listener_factory(
+    name: str, cfg: configuration.Config, top: MailSystem, reactor, incoming
+):
     """The protocol factory of listener C{name} and what it says when full,
     or C{None} for a listener this version does not serve."""
     hostname = cfg.server.hostname
     metrics = top.metrics.service(name)
     if name == "smtp":
-        delivery = LocalDelivery(top.router, top.store, hostname, reactor, queue=top.queue)
+        delivery = LocalDelivery(
+            top.router, top.store, hostname, reactor, queue=top.queue
+        )
         factory = ESMTPServerFactory(
-            delivery, hostname, cfg.limits, reactor,
-            tls=top.tls.contextFactory(), spool_dir=incoming, metrics=metrics,
+            delivery,
+            hostname,
+            cfg.limits,
+            reactor,
+            tls=top.tls.contextFactory(),
+            spool_dir=incoming,
+            metrics=metrics,
         )
         return factory, _SMTP_REFUSAL
     if name in ("submission", "submissions"):
         implicit = name == "submissions"
         delivery = SubmissionDelivery(
-            top.router, top.queue, hostname, reactor,
+            top.router,
+            top.queue,
+            hostname,
+            reactor,
             hide_client_ip=cfg.submission.hide_client_ip,
             sender_must_match=cfg.submission.sender_must_match,
         )
         factory = ESMTPServerFactory(
-            delivery, hostname, cfg.limits, reactor,
+            delivery,
+            hostname,
+            cfg.limits,
+            reactor,
             tls=None if implicit else top.tls.contextFactory(),
             spool_dir=incoming,
             portal=top.portal,
@@ -330,7 +347,9 @@ def _listener_factory(name: str, cfg: configuration.Config, top: MailSystem, rea
     if name in ("pop3", "pop3s"):
         implicit = name == "pop3s"
         factory = POP3ServerFactory(
-            top.portal, hostname, reactor,
+            top.portal,
+            hostname,
+            reactor,
             tls=None if implicit else top.tls.contextFactory(),
             implicit_tls=implicit,
             allow_plaintext_on_loopback=cfg.auth.allow_plaintext_on_loopback,
@@ -342,7 +361,9 @@ def _listener_factory(name: str, cfg: configuration.Config, top: MailSystem, rea
     if name in ("imap", "imaps"):
         implicit = name == "imaps"
         factory = IMAPServerFactory(
-            top.portal, hostname, reactor,
+            top.portal,
+            hostname,
+            reactor,
             tls=None if implicit else top.tls.contextFactory(),
             implicit_tls=implicit,
             allow_plaintext_on_loopback=cfg.auth.allow_plaintext_on_loopback,

@@ -13,9 +13,9 @@ from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from mailsys.addresses import MailAddress
-from mailsys.routing import NotOurDomain, Route, Router, UnknownRecipient
-from mailsys.smtp.interfaces import Envelope, ISMTPDelivery, Reply, Session
+from mailsys.routing import Router
+from mailsys.smtp.delivery import LocalDelivery
+from mailsys.smtp.interfaces import Envelope, Session
 
 
 @implementer(ITLSTransport)
@@ -31,13 +31,13 @@ class TLSStringTransport(StringTransport):
         self.tls_started_with = contextFactory
 
 
-@implementer(ISMTPDelivery)
-class MemoryDelivery:
+class MemoryDelivery(LocalDelivery):
     """
-    Accepts mail for the users in C{users} of C{domains} and keeps what it
-    is given in L{delivered}; C{deliver} returns the Deferred in
-    L{pending} when C{hold} is set, so tests control when the "disk"
-    finishes.
+    The inbound policy of L{LocalDelivery} (same answers for users,
+    aliases and foreign domains) over an in-memory user set, keeping what
+    it is given in L{delivered} instead of writing maildirs; C{deliver}
+    returns the Deferred in L{pending} when C{hold} is set, so tests control
+    when the "disk" finishes.
     """
 
     def __init__(
@@ -47,28 +47,12 @@ class MemoryDelivery:
         aliases: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.users = set(users)
-        self.router = Router(domains, lambda a: str(a) in self.users, aliases or {})
+        router = Router(domains, lambda a: str(a) in self.users, aliases or {})
+        super().__init__(router, store=None, hostname="localhost", reactor=None)
         self.delivered: list[tuple[Envelope, bytes]] = []
         self.hold = False
         self.fail_with: Exception | None = None
         self.pending: list[defer.Deferred] = []
-
-    @property
-    def default_domain(self) -> str:
-        return sorted(self.router.domains)[0]
-
-    def validateFrom(self, session: Session, envelope: Envelope) -> None:
-        return None
-
-    def validateTo(
-        self, session: Session, envelope: Envelope, recipient: MailAddress
-    ) -> Route:
-        try:
-            return self.router.resolve(recipient)
-        except NotOurDomain:
-            raise Reply(550, "5.7.1", f"<{recipient}>: Relay access denied")
-        except UnknownRecipient:
-            raise Reply(550, "5.1.1", f"<{recipient}>: User unknown")
 
     def deliver(
         self, session: Session, envelope: Envelope, message: IO[bytes], size: int

@@ -64,9 +64,7 @@ def _payloads(entry: Mapping[str, Any], type: int) -> list:
         # A string is one TXT record of one string; a tuple, one record of
         # several strings (RFC 1035 3.3.14).
         return [
-            dns.Record_TXT(
-                *[part.encode("utf-8") for part in _strings(text)], ttl=60
-            )
+            dns.Record_TXT(*[part.encode("utf-8") for part in _strings(text)], ttl=60)
             for text in entry.get("TXT", [])
         ]
     if type == dns.SRV:

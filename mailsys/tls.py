@@ -155,9 +155,7 @@ def _read(path: Path) -> bytes:
         raise TLSError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
-def _load_pair(
-    cert: Path, key: Path
-) -> tuple[list[x509.Certificate], PrivateKeyTypes]:
+def _load_pair(cert: Path, key: Path) -> tuple[list[x509.Certificate], PrivateKeyTypes]:
     """
     The certificate chain in C{cert} (the server's own first, then any
     intermediates, as in certbot's C{fullchain.pem}) and the private key in

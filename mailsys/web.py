@@ -72,7 +72,9 @@ CLIENT_LISTENERS = (
 AUTODISCOVER_REQUEST = (
     "http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006"
 )
-AUTODISCOVER_RESPONSE = "http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006"
+AUTODISCOVER_RESPONSE = (
+    "http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006"
+)
 AUTODISCOVER_OUTLOOK = (
     "http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a"
 )
@@ -234,7 +236,9 @@ def autodiscover_request(body: bytes) -> str:
     requests = [child for child in root if _local_name(child.tag) == "Request"]
     if len(requests) != 1:
         raise BadRequest("expected one Request element")
-    fields = {_local_name(child.tag): (child.text or "").strip() for child in requests[0]}
+    fields = {
+        _local_name(child.tag): (child.text or "").strip() for child in requests[0]
+    }
     schema = fields.get("AcceptableResponseSchema")
     if schema and schema != AUTODISCOVER_OUTLOOK:
         raise BadRequest("only the Outlook response schema (2006a) is served")
@@ -311,7 +315,9 @@ def mobileconfig(
         "PayloadUUID": mail_uuid,
         "PayloadDisplayName": f"Mail for {address}",
         "EmailAccountDescription": str(address),
-        "EmailAccountType": "EmailTypeIMAP" if incoming.protocol == "imap" else "EmailTypePOP",
+        "EmailAccountType": "EmailTypeIMAP"
+        if incoming.protocol == "imap"
+        else "EmailTypePOP",
         "EmailAddress": str(address),
         "IncomingMailServerHostName": hostname,
         "IncomingMailServerPortNumber": incoming.port,
@@ -464,7 +470,9 @@ class DiskSpace:
 def disk_space(path: Path) -> DiskSpace:
     """Free space for unprivileged users, and the size, of C{path}'s file system."""
     stat = os.statvfs(path)
-    return DiskSpace(free=stat.f_bavail * stat.f_frsize, total=stat.f_blocks * stat.f_frsize)
+    return DiskSpace(
+        free=stat.f_bavail * stat.f_frsize, total=stat.f_blocks * stat.f_frsize
+    )
 
 
 def _check(ok: bool, detail: str) -> dict[str, Any]:
@@ -561,7 +569,9 @@ class Health(Resource):
             os.close(handle)
             os.unlink(name)
         except OSError as e:
-            return _check(False, f"cannot create a file in {where.name}: {e.strerror or e}")
+            return _check(
+                False, f"cannot create a file in {where.name}: {e.strerror or e}"
+            )
         return _check(True, "writable")
 
     def render_GET(self, request: Request) -> int:
@@ -614,10 +624,14 @@ def _with_length(app: Callable[..., Iterable[bytes]]) -> Callable[..., list[byte
     header with str, which trips C{python -b} next to bytes names.
     """
 
-    def sized(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    def sized(
+        environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> list[bytes]:
         answer: list[Any] = []
 
-        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+        def start(
+            status: str, headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> None:
             answer[:] = [status, headers]
 
         body = b"".join(app(environ, start))
@@ -675,8 +689,10 @@ def root(cfg: Config, system: Any, reactor: Any) -> Resource:
     well_known.putChild(b"autoconfig", autoconfig)
     top.putChild(b".well-known", well_known)
     autodiscover = Autodiscover(cfg.domains, hostname, services)
-    for directory, name in ((b"autodiscover", b"autodiscover.xml"),
-                            (b"Autodiscover", b"Autodiscover.xml")):
+    for directory, name in (
+        (b"autodiscover", b"autodiscover.xml"),
+        (b"Autodiscover", b"Autodiscover.xml"),
+    ):
         folder = Resource()
         folder.putChild(name, autodiscover)
         top.putChild(directory, folder)

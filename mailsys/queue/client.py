@@ -476,9 +476,7 @@ class SMTPTransport:
                     outcome = await self._attempt(job, hop, address, _TLS_OFF)
                 if not isinstance(outcome, _HopFailure):
                     return outcome
-                log.info(
-                    "{queue_id}: {text}", queue_id=job.queue_id, text=outcome.text
-                )
+                log.info("{queue_id}: {text}", queue_id=job.queue_id, text=outcome.text)
                 last = outcome
         assert last is not None
         return _everyone(job.recipients, last)
@@ -494,14 +492,18 @@ class SMTPTransport:
         try:
             ascii_domain = idna.encode(domain, uts46=True).decode("ascii")
         except (idna.IDNAError, UnicodeError):
-            raise _HopFailure(550, f"5.1.2 {domain!r} is not a valid domain name")
+            raise _HopFailure(
+                550, f"5.1.2 {domain!r} is not a valid domain name"
+            ) from None
         try:
             answers, _, _ = await self.resolver.lookupMailExchange(ascii_domain)
         except DNSNameError:
-            raise _HopFailure(550, f"5.1.2 domain {domain} does not exist (DNS)")
+            raise _HopFailure(
+                550, f"5.1.2 domain {domain} does not exist (DNS)"
+            ) from None
         except Exception as e:
             text = f"4.4.3 MX lookup for {domain} failed: {_describe(e)}"
-            raise _HopFailure(451, text)
+            raise _HopFailure(451, text) from e
         exchanges = [
             (rr.payload.preference, str(rr.payload.name).lower().rstrip("."))
             for rr in answers

@@ -519,7 +519,9 @@ class QueueRunner(Service):
             status = entry.recipient(result.recipient) if entry is not None else None
             if result.delivered:
                 outcome = "delivered"
-                age = self.clock.seconds() - entry.created if entry is not None else None
+                age = (
+                    self.clock.seconds() - entry.created if entry is not None else None
+                )
                 self.metrics.queue_result("delivered", age)
             elif status is None:
                 outcome = "not recorded (entry removed from the queue)"
@@ -710,4 +712,3 @@ class QueueRunner(Service):
             outcome.created.append(created)
         entry.reports += 1
         return report_id
-

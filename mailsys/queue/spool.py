@@ -78,7 +78,6 @@ FORMAT_VERSION = 1
 _QUEUE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
 
-
 class SpoolError(Exception):
     """A queue entry cannot be read, written or found; one line."""
 

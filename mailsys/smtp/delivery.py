@@ -67,8 +67,7 @@ def received_header(
     for_clause = f"\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
     sender = str(envelope.sender) if envelope.sender is not None else ""
     lines = (
-        (f"Return-Path: <{sender}>\n" if return_path else "")
-        + f"Received: {origin}\n"
+        (f"Return-Path: <{sender}>\n" if return_path else "") + f"Received: {origin}\n"
         f"\tby {hostname} (mailsys) with {session.protocol_name}"
         f" id {envelope.queue_id}{for_clause};\n"
         f"\t{_date(now)}\n"
@@ -196,14 +195,16 @@ class LocalDelivery:
         try:
             route = self.router.resolve(recipient)
         except NotOurDomain:
-            raise Reply(550, "5.7.1", f"<{recipient}>: Relay access denied")
+            raise Reply(550, "5.7.1", f"<{recipient}>: Relay access denied") from None
         except UnknownRecipient:
-            raise Reply(550, "5.1.1", f"<{recipient}>: User unknown")
+            raise Reply(550, "5.1.1", f"<{recipient}>: User unknown") from None
         except AliasLoop:
-            raise Reply(550, "5.4.6", f"<{recipient}>: Alias loop")
+            raise Reply(550, "5.4.6", f"<{recipient}>: Alias loop") from None
         if route.remote and self.queue is None:
             # Forwarding to other domains goes through the outbound queue.
-            raise Reply(550, "5.4.4", f"<{recipient}>: Forwarding is not enabled")
+            raise Reply(
+                550, "5.4.4", f"<{recipient}>: Forwarding is not enabled"
+            ) from None
         return route
 
     def deliver(
@@ -214,18 +215,26 @@ class LocalDelivery:
             envelope.routes[r].remote for r in envelope.recipients
         ):
             prefix = received_header(
-                session, envelope, self.hostname, self.reactor.seconds(), return_path=False
+                session,
+                envelope,
+                self.hostname,
+                self.reactor.seconds(),
+                return_path=False,
             )
             prefix += delivered_to(envelope)
-            return self.queue.enqueue(envelope, message, prefix, queue_recipients(envelope))
+            return self.queue.enqueue(
+                envelope, message, prefix, queue_recipients(envelope)
+            )
         mailboxes = local_mailboxes(envelope)
-        prefix = received_header(session, envelope, self.hostname, self.reactor.seconds())
+        prefix = received_header(
+            session, envelope, self.hostname, self.reactor.seconds()
+        )
         d = self.store.deliver_deferred(
             self.reactor, [str(m) for m in mailboxes], message, prefix
         )
 
         def delivered(paths):
-            for mailbox, path in zip(mailboxes, paths):
+            for mailbox, path in zip(mailboxes, paths, strict=True):
                 log.info(
                     "delivered queue={queue} to=<{rcpt}> size={size} file={file}",
                     queue=envelope.queue_id,
@@ -260,7 +269,11 @@ class OutboundQueue:
         self.reactor = reactor
 
     def enqueue(
-        self, envelope: Envelope, message: IO[bytes], prefix: bytes, recipients: list[str]
+        self,
+        envelope: Envelope,
+        message: IO[bytes],
+        prefix: bytes,
+        recipients: list[str],
     ) -> defer.Deferred:
         sender = str(envelope.sender) if envelope.sender is not None else None
         d = self.spool.enqueue_deferred(
@@ -329,7 +342,9 @@ class SubmissionDelivery:
             raise Reply(530, "5.7.0", "Authentication required")
         if self.sender_must_match and not self.may_send_as(user, envelope.sender):
             raise Reply(
-                553, "5.7.1", f"Sender address <{envelope.sender or ''}> not owned by {user}"
+                553,
+                "5.7.1",
+                f"Sender address <{envelope.sender or ''}> not owned by {user}",
             )
         return None
 
@@ -341,9 +356,9 @@ class SubmissionDelivery:
         try:
             return self.router.resolve(recipient)
         except UnknownRecipient:
-            raise Reply(550, "5.1.1", f"<{recipient}>: User unknown")
+            raise Reply(550, "5.1.1", f"<{recipient}>: User unknown") from None
         except AliasLoop:
-            raise Reply(550, "5.4.6", f"<{recipient}>: Alias loop")
+            raise Reply(550, "5.4.6", f"<{recipient}>: Alias loop") from None
 
     def deliver(
         self, session: Session, envelope: Envelope, message: IO[bytes], size: int

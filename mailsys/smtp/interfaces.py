@@ -101,8 +101,7 @@ class ISMTPDelivery(Interface):
     """
 
     default_domain = Attribute(
-        "The domain that RCPT TO:<postmaster> without a domain means "
-        "(RFC 5321 4.5.1)."
+        "The domain that RCPT TO:<postmaster> without a domain means (RFC 5321 4.5.1)."
     )
 
     def validateFrom(session, envelope):

@@ -41,11 +41,11 @@ from twisted.python.failure import Failure
 
 from mailsys import limits
 from mailsys.accounts import IMailUser
-from mailsys.addresses import AddressError, MailAddress, parse_path
+from mailsys.addresses import AddressError, parse_path
 from mailsys.config import LimitsSection
 from mailsys.connections import is_loopback
-from mailsys.metrics import SILENT
 from mailsys.lines import Line, LineFramer, OrderedInput
+from mailsys.metrics import SILENT
 from mailsys.smtp.interfaces import (
     Envelope,
     ISMTPDelivery,
@@ -137,7 +137,9 @@ class IncomingMessage:
         if self.size > self.max_size:
             # RFC 1870 6.1: 552 once the limit is passed; stop storing.
             self.refuse(
-                Reply(552, "5.3.4", f"Message exceeds the size limit of {self.max_size}")
+                Reply(
+                    552, "5.3.4", f"Message exceeds the size limit of {self.max_size}"
+                )
             )
             return
         assert self._file is not None
@@ -239,7 +241,9 @@ class ESMTPServer(OrderedInput, smtp.ESMTP):
     def timeoutConnection(self) -> None:
         # RFC 5321 4.5.3.2: say why before closing.
         log.info("timeout {client}", client=self.session.client_host)
-        self.reply(421, "4.4.2", f"{self.hostname.decode()} Timeout, closing connection")
+        self.reply(
+            421, "4.4.2", f"{self.hostname.decode()} Timeout, closing connection"
+        )
         self.transport.loseConnection()
 
     # -- output -------------------------------------------------------------
@@ -258,7 +262,9 @@ class ESMTPServer(OrderedInput, smtp.ESMTP):
                 log.info(
                     "too many errors from {client}", client=self.session.client_host
                 )
-                self.transport.write(b"421 4.7.0 Too many errors, closing connection\r\n")
+                self.transport.write(
+                    b"421 4.7.0 Too many errors, closing connection\r\n"
+                )
                 self.transport.loseConnection()
 
     def reply(self, code: int, status: str, text: str) -> None:
@@ -370,7 +376,9 @@ class ESMTPServer(OrderedInput, smtp.ESMTP):
 
     def _hello(self, argument: str, esmtp: bool) -> None:
         if not _HELO_ARGUMENT.match(argument):
-            self.reply(501, "5.5.4", "Syntax: %s hostname" % ("EHLO" if esmtp else "HELO"))
+            self.reply(
+                501, "5.5.4", "Syntax: %s hostname" % ("EHLO" if esmtp else "HELO")
+            )
             return
         self._resetTransaction()
         self.session.helo = argument
@@ -525,7 +533,9 @@ class ESMTPServer(OrderedInput, smtp.ESMTP):
                 client=self.session.client_host,
                 why=getattr(failure.value, "resp", failure.getErrorMessage()),
             )
-            self.metrics.message_refused("mail", getattr(failure.value, "resp", "4.3.0"))
+            self.metrics.message_refused(
+                "mail", getattr(failure.value, "resp", "4.3.0")
+            )
             self._sendReplyFailure(failure, "sender validation")
 
         d = defer.maybeDeferred(self.delivery.validateFrom, self.session, envelope)
@@ -585,7 +595,9 @@ class ESMTPServer(OrderedInput, smtp.ESMTP):
                 client=self.session.client_host,
                 why=getattr(failure.value, "resp", failure.getErrorMessage()),
             )
-            self.metrics.message_refused("rcpt", getattr(failure.value, "resp", "4.3.0"))
+            self.metrics.message_refused(
+                "rcpt", getattr(failure.value, "resp", "4.3.0")
+            )
             self._sendReplyFailure(failure, "recipient validation")
 
         d = defer.maybeDeferred(
@@ -617,7 +629,11 @@ class ESMTPServer(OrderedInput, smtp.ESMTP):
             self.reply(502, "5.5.1", "AUTH not available")
             return
         if not self._authAllowed():
-            self.reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+            self.reply(
+                538,
+                "5.7.11",
+                "Encryption required for requested authentication mechanism",
+            )
             return
         if self.state is State.GREETED:
             self.reply(503, "5.5.1", "Send EHLO first")
@@ -652,7 +668,9 @@ class ESMTPServer(OrderedInput, smtp.ESMTP):
         step, self._sasl = self._sasl, None
         assert step is not None
         if line.too_long or not line.crlf or line.bare_cr:
-            self.reply(500, "5.5.6", "Authentication exchange line is too long or malformed")
+            self.reply(
+                500, "5.5.6", "Authentication exchange line is too long or malformed"
+            )
             return
         text = line.content.decode("ascii", "replace").strip()
         if text == "*":
@@ -739,7 +757,12 @@ class ESMTPServer(OrderedInput, smtp.ESMTP):
         assert message is not None
         # Only <CRLF>.<CRLF> ends DATA: the "." line must end in CRLF and
         # so must the line before it (RFC 5321 4.1.1.4; SMTP smuggling).
-        if line.content == b"." and line.crlf and self._previous_crlf and not line.too_long:
+        if (
+            line.content == b"."
+            and line.crlf
+            and self._previous_crlf
+            and not line.too_long
+        ):
             self._endOfData()
             return
         self._previous_crlf = line.crlf
@@ -778,7 +801,9 @@ class ESMTPServer(OrderedInput, smtp.ESMTP):
                 queue=envelope.queue_id,
                 why=failure.getErrorMessage(),
             )
-            self.metrics.message_refused("data", getattr(failure.value, "resp", "4.3.0"))
+            self.metrics.message_refused(
+                "data", getattr(failure.value, "resp", "4.3.0")
+            )
             if failure.check(Reply):
                 self._write(failure.value.code, failure.value.resp)
             else:
@@ -800,7 +825,6 @@ class ESMTPServer(OrderedInput, smtp.ESMTP):
         if self.message is not None:
             self.message.discard()
             self.message = None
-
 
 
 def _parse_command_path(
