@@ -23,6 +23,10 @@ run: install
 test: install
 	$(BIN)/python -b -m twisted.trial $(TRIAL_ARGS)
 
+lint: install
+	$(BIN)/ruff check mailsys twisted bench
+	$(BIN)/ruff format --check mailsys twisted bench
+
 bench: install
 	$(BIN)/python bench/smtp_delivery.py
 
