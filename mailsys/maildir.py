@@ -17,10 +17,11 @@ calls it through L{MaildirStore.deliver_deferred}, in a thread.
 POP3, IMAP and the command-line tools see the same files through
 L{Mailbox} (a user's folders, Maildir++ as Dovecot and Courier lay them
 out) and L{Folder} (one maildir: messages with flags in the C{:2,} info,
-persistent UIDs, a cache of sizes and header lengths).  Other programs may
-change the files at any moment, so the disk is the truth: what a L{Folder}
-keeps in memory is only a hint, and UIDs change only under a C{flock}
-shared with every other process.  L{Folder.append} and L{Folder.copy_to}
+keywords named in Dovecot's C{dovecot-keywords}, persistent UIDs, a cache
+of sizes and header lengths).  Other programs may change the files at any
+moment, so the disk is the truth: what a L{Folder} keeps in memory is only
+a hint, and UIDs and keywords change only under a C{flock} shared with
+every other process.  L{Folder.append} and L{Folder.copy_to}
 write through the same durable path as delivery.
 """
 
@@ -431,6 +432,13 @@ CACHE = "mailsys-cache"
 UIDVALIDITY = "mailsys-uidvalidity"
 SUBSCRIPTIONS = "subscriptions"
 SUBSCRIPTIONS_LOCK = "mailsys-subscriptions.lock"
+# Dovecot's per-folder keyword list: C{<index> <keyword>} lines, index 0 to
+# 25 being info letters C{a} to C{z}.  Kept in Dovecot's own file and
+# format, so that a keyword set here is the keyword Dovecot shows, and the
+# other way round.
+KEYWORDS = "dovecot-keywords"
+# Lower-case info letters a-z: at most 26 keywords per folder.
+MAX_KEYWORDS = 26
 
 _UIDLIST_VERSION = "1"
 _CACHE_HEADER = b"mailsys-cache 1\n"
@@ -461,6 +469,13 @@ class FolderError(Exception):
     """
 
 
+class KeywordLimit(FolderError):
+    """
+    A new keyword cannot be stored: the folder has 26 already, all the
+    info letters C{a}-C{z} there are (Dovecot has the same limit).
+    """
+
+
 class MessageGone(Exception):
     """
     The message's file disappeared: another session expunged it.
@@ -477,9 +492,10 @@ class MessageInfo:
         info; stays the same when flags change.
     @ivar path: where the file was when this was made (C{new/} or
         C{cur/}); L{Folder.open} follows later renames.
-    @ivar flags: IMAP system flags (C{"\\\\Seen"}, ...).  Info letters that
-        are not system flags (Dovecot keywords, C{P}) stay in the file name
-        but are not reported.
+    @ivar flags: IMAP system flags (C{"\\\\Seen"}, ...) and keywords
+        (C{"$Forwarded"}, spelt as the folder's C{dovecot-keywords} spells
+        them).  Other info letters (C{P}, a keyword letter the file does
+        not name) stay in the file name but are not reported.
     @ivar size: bytes on disk (LF line endings).
     @ivar crlf_size: the size a client sees with CRLF line endings (IMAP
         RFC822.SIZE, POP3 LIST): the size plus one byte per bare LF.
@@ -504,6 +520,36 @@ class _Entry(NamedTuple):
     crlf_size: int
     mtime: float
     header_length: int  # -1: not known yet
+
+
+class _KeywordTable(NamedTuple):
+    """
+    The parsed C{dovecot-keywords}: C{names[i]} is the keyword of info
+    letter C{chr(ord("a") + i)}, or C{None}; C{signature} identifies the
+    file version it was read from (C{None}: no file).
+    """
+
+    names: tuple[str | None, ...]
+    signature: tuple[int, int, int] | None
+
+    def letter(self, keyword: str) -> str | None:
+        """The info letter of C{keyword} (any case), if it has one."""
+        folded = keyword.lower()
+        for index, name in enumerate(self.names):
+            if name is not None and name.lower() == folded:
+                return chr(ord("a") + index)
+        return None
+
+    def keywords(self) -> list[str]:
+        """The keywords IMAP can show (valid atoms), in letter order, once each."""
+        shown: list[str] = []
+        for name in self.names:
+            if name is not None and _is_keyword(name) and name not in shown:
+                shown.append(name)
+        return shown
+
+
+_NO_KEYWORDS = _KeywordTable((None,) * MAX_KEYWORDS, None)
 
 
 class _UidList(NamedTuple):
@@ -602,12 +648,79 @@ def _flags(letters: str) -> frozenset[str]:
 def _letters(flags: Iterable[str]) -> str:
     """
     The info letters of IMAP system C{flags}, sorted.  Other flags
-    (keywords, C{\\Recent}) are not stored and silently left out.
+    (keywords, C{\\Recent}) are left out: see L{Folder._info_letters}.
     """
     if isinstance(flags, str):
         flags = (flags,)
     found = {_FLAG_BY_NAME.get(flag.lower(), "") for flag in flags}
     return "".join(sorted(found - {""}))
+
+
+# RFC 3501 9: a keyword is an atom: printable ASCII but for the
+# atom-specials ( ) { SP CTL % * " \ ].  Dovecot's file is line-based and
+# space-separated, which an atom also fits.
+_KEYWORD = re.compile(r'[^\x00-\x20\x7f-\U0010ffff(){%*"\\\]]+\Z')
+# Longer keywords are refused: no client needs them, and every one is
+# repeated in each FLAGS response.
+_KEYWORD_LENGTH = 128
+
+
+def _is_keyword(flag: str) -> bool:
+    """Whether C{flag} is a keyword (not a C{\\} flag) IMAP can carry."""
+    return len(flag) <= _KEYWORD_LENGTH and bool(_KEYWORD.match(flag))
+
+
+@functools.lru_cache(maxsize=1024)
+def _info_flags(letters: str, names: tuple[str | None, ...]) -> frozenset[str]:
+    """The system flags and keywords of info C{letters} with keyword C{names}."""
+    flags = set(_flags(letters))
+    for letter in letters:
+        if "a" <= letter <= "z":
+            name = names[ord(letter) - ord("a")]
+            if name is not None and _is_keyword(name):
+                flags.add(name)
+    return frozenset(flags)
+
+
+def _keywords_among(flags: Iterable[str]) -> list[str]:
+    """
+    The keywords among C{flags} (those not starting with C{\\}), once
+    each whatever their case, in the order given.
+
+    @raise FolderError: for one that is not an IMAP atom.
+    """
+    found: dict[str, str] = {}
+    for flag in flags:
+        if flag.startswith("\\"):
+            continue
+        if not _is_keyword(flag):
+            raise FolderError(f"not a valid keyword: {_show(flag)}")
+        found.setdefault(flag.lower(), flag)
+    return list(found.values())
+
+
+def _names_keyword(letter: str, table: _KeywordTable) -> bool:
+    """Whether info C{letter} stands for a keyword IMAP shows (and sets)."""
+    if not "a" <= letter <= "z":
+        return False
+    name = table.names[ord(letter) - ord("a")]
+    return name is not None and _is_keyword(name)
+
+
+def _parse_keywords(data: bytes, signature: tuple[int, int, int]) -> _KeywordTable:
+    """
+    Parse C{dovecot-keywords} as Dovecot does: C{<index> <name>} lines;
+    lines without a space, with an index out of 0-25 or an empty name are
+    skipped.  A name IMAP could not show still holds its letter.
+    """
+    names: list[str | None] = [None] * MAX_KEYWORDS
+    for line in data.decode("utf-8", "surrogateescape").split("\n"):
+        index, space, name = line.rstrip("\r").partition(" ")
+        if not space or not name or not (index.isascii() and index.isdigit()):
+            continue
+        if int(index) < MAX_KEYWORDS:
+            names[int(index)] = name
+    return _KeywordTable(tuple(names), signature)
 
 
 def _size_fields(key: str) -> tuple[int | None, int | None]:
@@ -720,7 +833,12 @@ def _temporary_name(name: str) -> str:
 
 
 def replace_durably(
-    target: Path, prefix: bytes, message: BinaryIO, size: int, scratch: Path
+    target: Path,
+    prefix: bytes,
+    message: BinaryIO,
+    size: int,
+    scratch: Path,
+    mtime: float | None = None,
 ) -> None:
     """
     The durable-write contract for one file, whole: C{prefix} and the rest
@@ -731,10 +849,12 @@ def replace_durably(
     call it in a thread.  Used for every state file that must survive a
     crash (queue entries, UID lists); mail itself is delivered with
     L{MaildirStore.deliver}, the same steps for several mailboxes at once.
+
+    @param mtime: the new file's modification time, when it matters.
     """
     temporary = scratch / _temporary_name(target.name)
     try:
-        MaildirStore._write(temporary, prefix, message, size)
+        MaildirStore._write(temporary, prefix, message, size, mtime)
         os.rename(temporary, target)
     except BaseException:
         try:
@@ -845,6 +965,9 @@ class Folder:
         self._headers: OrderedDict[str, bytes] = OrderedDict()
         self._header_bytes = 0
         self._recent: set[str] = set()
+        self._keyword_table: _KeywordTable | None = None
+        # The keyword names the descriptions in _infos were made with.
+        self._infos_keywords: tuple[str | None, ...] = _NO_KEYWORDS.names
 
     def __repr__(self) -> str:
         return f"<Folder {self.name!r} at {str(self.path)!r}>"
@@ -925,6 +1048,137 @@ class Folder:
         with self._lock:
             self._uidlist = uidlist
         return uidlist
+
+    # --- keywords ------------------------------------------------------------
+
+    def keywords(self) -> list[str]:
+        """
+        The keywords defined in this folder (by us or by Dovecot), in
+        letter order: what IMAP lists in FLAGS and PERMANENTFLAGS.
+        """
+        return self._keywords().keywords()
+
+    def define_keywords(
+        self, keywords: Iterable[str], partial: bool = False
+    ) -> list[str]:
+        """
+        Give each of C{keywords} an info letter in this folder: names are
+        compared case-insensitively, a new one takes the first free letter
+        and is written to C{dovecot-keywords}, under the folder's lock.
+
+        @param partial: leave out new keywords that find no free letter,
+            instead of raising.
+        @return: those of C{keywords} that have a letter now, spelt as the
+            folder spells them, in the order given.
+        @raise KeywordLimit: when a new keyword finds no free letter
+            (unless C{partial}); then none is defined.
+        @raise FolderError: for a name that is not an IMAP keyword.
+        """
+        wanted = _keywords_among(keywords)
+        table = self._ensure_keywords(wanted, partial)
+        defined = []
+        for keyword in wanted:
+            letter = table.letter(keyword)
+            if letter is not None:
+                defined.append(table.names[ord(letter) - ord("a")] or keyword)
+        return defined
+
+    def _keywords(self, force: bool = False) -> _KeywordTable:
+        """
+        The keyword table as it is on disk now, read again only if the file
+        changed (by its inode, mtime and size; C{force}: always).
+        """
+        path = self.path / KEYWORDS
+        with self._lock:
+            cached = self._keyword_table
+        if not force and cached is not None:
+            try:
+                status = os.stat(path)
+            except FileNotFoundError:
+                return _NO_KEYWORDS
+            signature = (status.st_ino, status.st_mtime_ns, status.st_size)
+            if cached.signature == signature:
+                return cached
+        try:
+            source = open(path, "rb")
+        except FileNotFoundError:
+            return _NO_KEYWORDS
+        with source:
+            status = os.fstat(source.fileno())
+            signature = (status.st_ino, status.st_mtime_ns, status.st_size)
+            table = _parse_keywords(source.read(), signature)
+        with self._lock:
+            self._keyword_table = table
+        return table
+
+    def _ensure_keywords(
+        self, keywords: list[str], partial: bool, locked: bool = False
+    ) -> _KeywordTable:
+        """
+        The keyword table once every one of C{keywords} (checked already)
+        has a letter, if it can.  Letters are taken only under the folder's
+        lock, after reading the file again: two sessions (or processes)
+        defining keywords at once never give one letter two names.
+
+        @param locked: the caller holds L{_locked} already.
+        """
+        table = self._keywords()
+        if all(table.letter(keyword) for keyword in keywords):
+            return table
+        if not locked:
+            with self._locked():
+                return self._ensure_keywords(keywords, partial, locked=True)
+        table = self._keywords(force=True)
+        names = list(table.names)
+        missing = [k for k in keywords if table.letter(k) is None]
+        free = [index for index, name in enumerate(names) if name is None]
+        if len(missing) > len(free) and not partial:
+            refused = ", ".join(missing[len(free) :])
+            raise KeywordLimit(
+                f"cannot add keyword {refused}: folder {self.name!r} holds"
+                f" {MAX_KEYWORDS} keywords already, all a maildir file name can carry"
+            )
+        if not free:
+            return table
+        for keyword, index in zip(missing, free, strict=False):
+            names[index] = keyword
+        return self._save_keywords(names, table)
+
+    def _save_keywords(
+        self, names: list[str | None], previous: _KeywordTable
+    ) -> _KeywordTable:
+        """
+        Write C{dovecot-keywords} as Dovecot does (C{<index> <name>} lines),
+        atomically and durably.  Call under L{_locked}.
+        """
+        data = "".join(
+            f"{index} {name}\n" for index, name in enumerate(names) if name is not None
+        ).encode("utf-8", "surrogateescape")
+        target = self.path / KEYWORDS
+        # Dovecot reads the file again only when its mtime, in whole
+        # seconds, has grown; make sure it has, as Dovecot itself does.
+        mtime = time.time()
+        if previous.signature is not None:
+            mtime = max(mtime, previous.signature[1] // 1_000_000_000 + 1)
+        replace_durably(target, data, io.BytesIO(), len(data), self.path / "tmp", mtime)
+        status = os.stat(target)
+        signature = (status.st_ino, status.st_mtime_ns, status.st_size)
+        table = _KeywordTable(tuple(names), signature)
+        with self._lock:
+            self._keyword_table = table
+        return table
+
+    @staticmethod
+    def _info_letters(flags: Iterable[str], table: _KeywordTable) -> str:
+        """The sorted info letters of C{flags}: system flags and the keywords
+        C{table} has letters for."""
+        letters = set(_letters(flags))
+        for flag in flags:
+            if not flag.startswith("\\"):
+                letter = table.letter(flag)
+                if letter is not None:
+                    letters.add(letter)
+        return "".join(sorted(letters))
 
     # --- scanning ----------------------------------------------------------
 
@@ -1048,8 +1302,11 @@ class Folder:
         """
         entries = self._cached_entries()
         measured: dict[str, _Entry] = {}
+        keywords = self._keywords().names
         with self._lock:
             previous, previous_where = self._infos, self._where
+            if self._infos_keywords != keywords:
+                previous = {}  # flags must be read again with the new names
         infos: dict[str, MessageInfo] = {}
         where: dict[str, str] = {}
         for key, uid in uidlist.uids.items():
@@ -1079,7 +1336,7 @@ class Folder:
                 uid=uid,
                 key=key,
                 path=path,
-                flags=_flags(_split_name(path.name)[1]),
+                flags=_info_flags(_split_name(path.name)[1], keywords),
                 size=entry.size,
                 crlf_size=entry.crlf_size,
                 internal_date=entry.mtime,
@@ -1087,6 +1344,7 @@ class Folder:
             where[key] = location
         with self._lock:
             self._infos, self._where = infos, where
+            self._infos_keywords = keywords
             self._recent &= infos.keys()
             assert self._entries is not None
             self._entries.update(measured)
@@ -1267,21 +1525,32 @@ class Folder:
 
     def set_flags(self, info: MessageInfo, flags: Iterable[str]) -> MessageInfo:
         """
-        Give the message exactly the IMAP system C{flags}, renaming it
-        atomically with the new C{:2,} info (moving it from C{new/} to
-        C{cur/} if needed).  Info letters that are not system flags
-        (Dovecot keywords, C{P}) are kept; flags that are not system flags
-        are ignored.  The key, and so the UID, stays.
+        Give the message exactly the IMAP system flags and keywords of
+        C{flags}, renaming it atomically with the new C{:2,} info (moving it
+        from C{new/} to C{cur/} if needed).  A keyword new to the folder is
+        defined first (L{define_keywords}).  Info letters that are neither
+        (C{P}, a keyword letter the folder does not name) are kept;
+        C{\\Recent} and other C{\\} flags are ignored.  The key, and so
+        the UID, stays.
 
         @return: the message as it is now.
         @raise MessageGone: if the message was expunged.
+        @raise KeywordLimit: if a new keyword finds no free letter; the
+            message is left as it was.
+        @raise FolderError: for a keyword that is not an IMAP atom.
         """
-        wanted = set(_letters(flags))
+        flags = [flags] if isinstance(flags, str) else list(flags)
+        table = self._ensure_keywords(_keywords_among(flags), partial=False)
+        wanted = set(self._info_letters(flags, table))
         path: Path | None = info.path
         for _ in range(3):
             assert path is not None
             key, letters = _split_name(path.name)
-            kept = {c for c in letters if c not in _FLAG_BY_LETTER}
+            kept = {
+                c
+                for c in letters
+                if c not in _FLAG_BY_LETTER and not _names_keyword(c, table)
+            }
             new_letters = "".join(sorted(kept | wanted))
             target = self.path / "cur" / f"{key}:2,{new_letters}"
             try:
@@ -1294,7 +1563,9 @@ class Folder:
                 if path is None:
                     break
                 continue
-            changed = replace(info, path=target, flags=_flags(new_letters))
+            changed = replace(
+                info, path=target, flags=_info_flags(new_letters, table.names)
+            )
             with self._lock:
                 if path.parent.name == "new":
                     self._recent.add(key)
@@ -1340,14 +1611,21 @@ class Folder:
         deliver, into C{cur/} with C{flags}; CRLF becomes LF (IMAP clients
         send CRLF).  C{internal_date} becomes the file's mtime.
 
+        Keywords among C{flags} are defined as L{set_flags} does; those
+        that find no free letter are left out (see L{define_keywords} with
+        C{partial} to know which beforehand).
+
         @return: the new message with its UID (for APPENDUID).
         @raise DeliveryError: with a one-line reason (disk full, ...);
             nothing is stored then.
+        @raise FolderError: for a keyword that is not an IMAP atom.
         """
+        flags = frozenset([flags] if isinstance(flags, str) else flags)
+        _keywords_among(flags)
         body = _lf_endings(message)
         try:
             size, crlf_size = _measure_lf(body)
-            item = (body, size, crlf_size, _letters(flags), internal_date)
+            item = (body, size, crlf_size, flags, internal_date)
             [info] = self._store([item])
         finally:
             body.close()
@@ -1358,7 +1636,9 @@ class Folder:
     ) -> list[MessageInfo]:
         """
         Durable copies of the messages in C{target}, with their flags and
-        internal dates, all or nothing (RFC 3501 6.4.7).
+        internal dates, all or nothing (RFC 3501 6.4.7).  Keywords are
+        defined in C{target} as needed; those that find no free letter
+        there are left out.
 
         @return: the new messages, in the order of C{infos} (for COPYUID).
         @raise MessageGone: if one of them was expunged; nothing is copied.
@@ -1372,7 +1652,7 @@ class Folder:
 
     def _sources(
         self, infos: Sequence[MessageInfo]
-    ) -> Generator[tuple[BinaryIO, int, int, str, float | None], None, None]:
+    ) -> Generator[tuple[BinaryIO, int, int, frozenset[str], float | None], None, None]:
         """The messages to copy, opened one at a time (never 10,000 at once)."""
         for info in infos:
             with self.open(info) as source:
@@ -1381,34 +1661,41 @@ class Folder:
                     crlf_size = info.crlf_size
                 else:
                     crlf_size = _measure_lf(source)[1]
-                yield source, size, crlf_size, _letters(info.flags), info.internal_date
+                yield source, size, crlf_size, info.flags, info.internal_date
 
     def _store(
-        self, items: Iterable[tuple[BinaryIO, int, int, str, float | None]]
+        self, items: Iterable[tuple[BinaryIO, int, int, frozenset[str], float | None]]
     ) -> list[MessageInfo]:
         """
-        Write each C{(body, size, crlf_size, letters, mtime)} under C{tmp/}
+        Write each C{(body, size, crlf_size, flags, mtime)} under C{tmp/}
         with L{MaildirStore._write} (file synced), then, holding the UID
-        lock, rename them all into C{cur/}, sync C{cur/} and give them the
-        next UIDs: a scan by another process never sees them without UIDs
-        in order.  All or nothing.
+        lock, define their keywords, rename them all into C{cur/} with
+        their info letters, sync C{cur/} and give them the next UIDs: a
+        scan by another process never sees them without UIDs in order.
+        All or nothing.
         """
         # Files to remove if anything fails: every name under tmp/ (gone
         # once renamed; unique, so no one else's) and every one in cur/.
         written: list[Path] = []
-        staged: list[tuple[Path, str, int, int, str]] = []
+        staged: list[tuple[Path, str, int, int, frozenset[str]]] = []
         moved: list[Path] = []
+        letters_of: list[str] = []
+        table = _NO_KEYWORDS
         try:
-            for body, size, crlf_size, letters, mtime in items:
+            for body, size, crlf_size, flags, mtime in items:
                 name = unique_name(self.hostname, size, crlf_size)
                 temporary = self.path / "tmp" / name
                 written.append(temporary)
                 MaildirStore._write(temporary, b"", body, size, mtime)
-                staged.append((temporary, name, size, crlf_size, letters))
+                staged.append((temporary, name, size, crlf_size, flags))
             if not staged:
                 return []
             with self._locked():
-                for temporary, name, _, _, letters in staged:
+                keywords = _keywords_among(f for item in staged for f in item[4])
+                table = self._ensure_keywords(keywords, partial=True, locked=True)
+                for temporary, name, _, _, flags in staged:
+                    letters = self._info_letters(flags, table)
+                    letters_of.append(letters)
                     final = self.path / "cur" / f"{name}:2,{letters}"
                     os.rename(temporary, final)
                     moved.append(final)
@@ -1435,7 +1722,9 @@ class Folder:
                 raise FolderError(f"folder {self.name!r} no longer exists") from None
             raise DeliveryError(f"{self.name}: {_one_line(e)}") from e
         stored = []
-        for (_, name, size, crlf_size, letters), path in zip(staged, moved):
+        for (_, name, size, crlf_size, _), letters, path in zip(
+            staged, letters_of, moved, strict=True
+        ):
             try:
                 mtime = os.stat(path).st_mtime
             except FileNotFoundError:  # expunged already by another session
@@ -1444,7 +1733,7 @@ class Folder:
                 uid=uids[name],
                 key=name,
                 path=path,
-                flags=_flags(letters),
+                flags=_info_flags(letters, table.names),
                 size=size,
                 crlf_size=crlf_size,
                 internal_date=mtime,

@@ -343,3 +343,57 @@ class IMAPEndToEndTests(TestCase):
         outcome = yield deferToThread(session)
         self.assertIn("AUTHENTICATIONFAILED", outcome)
 
+
+    @defer.inlineCallbacks
+    def test_authenticate_login_and_keywords(self):
+        """Over implicit TLS: AUTHENTICATE LOGIN (Thunderbird's fallback
+        after PLAIN) answers "Username:" then "Password:"; Thunderbird's
+        `uid store 1 +FLAGS ($Forwarded)` is kept, and a new connection
+        sees the keyword in FLAGS and on the message."""
+        self.deliver(FIRST)
+        answers = {b"Username:": ALICE.encode(), b"Password:": SECRET.encode()}
+
+        def connect():
+            return imaplib.IMAP4_SSL(
+                "127.0.0.1", self.tls_port, ssl_context=self.context, timeout=10
+            )
+
+        def session():
+            challenges = []
+
+            def respond(challenge):
+                challenges.append(challenge)
+                return answers[challenge]
+
+            client = connect()
+            try:
+                caps = client.capabilities
+                auth = client.authenticate("LOGIN", respond)
+                client.select("INBOX")
+                stored = client.uid("STORE", "1", "+FLAGS", "($Forwarded)")
+                client.logout()
+            finally:
+                if client.state != "LOGOUT":
+                    client.shutdown()
+            client = connect()
+            try:
+                client.login(ALICE, SECRET)
+                client.select("INBOX")
+                flags = client.untagged_responses.get("FLAGS")
+                fetched = client.uid("FETCH", "1", "(FLAGS)")
+                client.logout()
+            finally:
+                if client.state != "LOGOUT":
+                    client.shutdown()
+            return caps, challenges, auth, stored, flags, fetched
+
+        caps, challenges, auth, stored, flags, fetched = yield deferToThread(session)
+        self.assertIn("AUTH=LOGIN", caps)
+        self.assertEqual(challenges, [b"Username:", b"Password:"])
+        self.assertEqual(auth[0], "OK")
+        self.assertEqual(stored, ("OK", [b"1 (UID 1 FLAGS (\\Recent $Forwarded))"]))
+        self.assertIn(b"$Forwarded", flags[-1])
+        self.assertEqual(fetched, ("OK", [b"1 (UID 1 FLAGS ($Forwarded))"]))
+        yield defer.DeferredList([d for f in self.factories for d in f.ended])
+        [info] = self.mailbox().folder("INBOX").scan()
+        self.assertEqual(info.flags, {"$Forwarded"})

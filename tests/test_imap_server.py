@@ -151,6 +151,7 @@ class GreetingAndLoginTests(ServerTestMixin, SynchronousTestCase):
         ):
             self.assertIn(cap, caps)
         self.assertNotIn(b"AUTH=PLAIN", caps)
+        self.assertNotIn(b"AUTH=LOGIN", caps)
 
     def test_capability_command(self):
         """CAPABILITY answers the same list and OK."""
@@ -159,13 +160,17 @@ class GreetingAndLoginTests(ServerTestMixin, SynchronousTestCase):
         self.assertIn(b"c1 OK CAPABILITY completed\r\n", out)
 
     def test_no_password_before_tls(self):
-        """LOGIN and AUTHENTICATE before TLS are refused with PRIVACYREQUIRED,
-        and no password check happens."""
+        """LOGIN and AUTHENTICATE (PLAIN or LOGIN) before TLS are refused
+        with PRIVACYREQUIRED, and no password check happens."""
         out, _, _ = self.converse(
             b"a LOGIN alice@example.test secret\r\nb AUTHENTICATE PLAIN AGFsaWNlAHg=\r\n"
+            b"c AUTHENTICATE LOGIN\r\nd AUTHENTICATE LOGIN YWxpY2U=\r\n"
         )
         self.assertIn(b"a NO [PRIVACYREQUIRED]", out)
         self.assertIn(b"b NO [PRIVACYREQUIRED]", out)
+        self.assertIn(b"c NO [PRIVACYREQUIRED]", out)
+        self.assertIn(b"d NO [PRIVACYREQUIRED]", out)
+        self.assertNotIn(b"\r\n+ ", out)
 
     def test_starttls(self):
         """STARTTLS starts TLS with our context; afterwards AUTH=PLAIN is
@@ -174,7 +179,7 @@ class GreetingAndLoginTests(ServerTestMixin, SynchronousTestCase):
         self.assertTrue(out.endswith(b"t OK Begin TLS negotiation now\r\n"))
         self.assertIs(transport.tls_started_with, TLS)
         out = self.say(proto, transport, b"c CAPABILITY\r\n" + LOGIN)
-        self.assertIn(b"AUTH=PLAIN", out)
+        self.assertIn(b"AUTH=PLAIN AUTH=LOGIN", out)
         self.assertNotIn(b"STARTTLS", out)
         self.assertNotIn(b"LOGINDISABLED", out)
         self.assertIn(b"l OK [CAPABILITY IMAP4rev1 ", out)
@@ -210,7 +215,7 @@ class GreetingAndLoginTests(ServerTestMixin, SynchronousTestCase):
         self.factory.allow_plaintext_on_loopback = True
         for peer in (LOOPBACK, IPv6Address("TCP", "::1", 40000)):
             out, _, _ = self.converse(LOGIN, peer=peer)
-            self.assertIn(b"AUTH=PLAIN", out.split(b"\r\n")[0])
+            self.assertIn(b"AUTH=PLAIN AUTH=LOGIN", out.split(b"\r\n")[0])
             self.assertIn(b"l OK [CAPABILITY", out)
         out, _, _ = self.converse(LOGIN)
         self.assertIn(b"l NO [PRIVACYREQUIRED]", out)
@@ -273,8 +278,70 @@ class AuthenticationTests(ServerTestMixin, SynchronousTestCase):
         self.assertIn(b"b BAD Invalid base64", out)
         self.assertIn(b"c OK NOOP completed", out)
 
+    def test_authenticate_login(self):
+        """AUTHENTICATE LOGIN (Thunderbird's fallback after PLAIN) asks
+        "Username:" then "Password:" in base64 and logs in."""
+        out, proto, transport = self.converse(b"a AUTHENTICATE LOGIN\r\n")
+        self.assertTrue(out.endswith(b"\r\n+ VXNlcm5hbWU6\r\n"), out)
+        out = self.say(proto, transport, base64.b64encode(ALICE.encode()) + b"\r\n")
+        self.assertEqual(out, b"+ UGFzc3dvcmQ6\r\n")
+        out = self.say(proto, transport, base64.b64encode(b"secret") + b"\r\n")
+        self.assertTrue(out.startswith(b"a OK [CAPABILITY IMAP4rev1 "), out)
+        self.assertEqual(proto.user, ALICE)
+
+    def test_authenticate_login_every_split(self):
+        """The LOGIN exchange pipelined with a NOOP gives the same replies
+        however the bytes are split."""
+        data = (
+            b"a AUTHENTICATE LOGIN\r\n"
+            + base64.b64encode(ALICE.encode()) + b"\r\n"
+            + base64.b64encode(b"secret") + b"\r\nn NOOP\r\n"
+        )
+        expected, proto, _ = self.converse(data)
+        self.assertIn(b"a OK [CAPABILITY", expected)
+        self.assertIn(b"n OK NOOP completed", expected)
+        for cut in range(1, len(data)):
+            out, _, _ = self.converse(chunks=[data[:cut], data[cut:]])
+            self.assertEqual(out, expected, cut)
+
+    def test_authenticate_login_initial_response(self):
+        """SASL-IR with LOGIN: the user name comes with the command, so
+        only the password is asked for; "=" is an empty user name."""
+        user = base64.b64encode(ALICE.encode())
+        out, proto, transport = self.converse(b"a AUTHENTICATE LOGIN " + user + b"\r\n")
+        self.assertTrue(out.endswith(b"\r\n+ UGFzc3dvcmQ6\r\n"), out)
+        self.assertNotIn(b"VXNlcm5hbWU6", out)
+        out = self.say(proto, transport, base64.b64encode(b"secret") + b"\r\n")
+        self.assertIn(b"a OK [CAPABILITY", out)
+        out, proto, transport = self.converse(b"a AUTHENTICATE LOGIN =\r\n")
+        out = self.say(proto, transport, base64.b64encode(b"secret") + b"\r\n")
+        self.assertIn(b"a NO [AUTHENTICATIONFAILED]", out)
+
+    def test_authenticate_login_wrong_password(self):
+        """A wrong password through LOGIN counts as a failed login."""
+        out, _, _ = self.converse(
+            b"a AUTHENTICATE LOGIN " + base64.b64encode(ALICE.encode()) + b"\r\n"
+            + base64.b64encode(b"nope") + b"\r\n"
+        )
+        self.assertIn(b"a NO [AUTHENTICATIONFAILED] Authentication failed", out)
+
+    def test_authenticate_login_cancel_and_garbage(self):
+        """"*" cancels LOGIN at either step, bad base64 is BAD, and the
+        session goes on unauthenticated."""
+        out, proto, transport = self.converse(b"a AUTHENTICATE LOGIN\r\n*\r\n")
+        self.assertIn(b"a BAD Authentication cancelled\r\n", out)
+        out = self.say(
+            proto, transport,
+            b"b AUTHENTICATE LOGIN " + base64.b64encode(ALICE.encode()) + b"\r\n*\r\n",
+        )
+        self.assertIn(b"b BAD Authentication cancelled\r\n", out)
+        out = self.say(proto, transport, b"c AUTHENTICATE LOGIN\r\n!!!\r\nd NOOP\r\n")
+        self.assertIn(b"c BAD Invalid base64", out)
+        self.assertIn(b"d OK NOOP completed", out)
+        self.assertIsNone(proto.user)
+
     def test_authenticate_unknown_mechanism(self):
-        """Only PLAIN is offered; others are refused."""
+        """Only PLAIN and LOGIN are offered; others are refused."""
         out, _, _ = self.converse(b"a AUTHENTICATE CRAM-MD5\r\n")
         self.assertIn(b"a NO [CANNOT] Unsupported authentication mechanism", out)
 
@@ -516,7 +583,8 @@ class SelectTests(ServerTestMixin, SynchronousTestCase):
             lines(out),
             [
                 b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)",
-                b"* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)] Flags permitted",
+                b"* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)]"
+                b" Flags permitted",
                 b"* 2 EXISTS",
                 b"* 2 RECENT",
                 b"* OK [UNSEEN 1] First unseen",
@@ -786,10 +854,11 @@ class StoreSearchTests(ServerTestMixin, SynchronousTestCase):
 
     def test_store_variants(self):
         """+FLAGS, -FLAGS, FLAGS and .SILENT change the files' info letters
-        and report the new flags (with UID for UID STORE)."""
+        and report the new flags (with UID for UID STORE); \\Recent and
+        unknown \\ flags are ignored."""
         out = self.run_command(b"a uid store 1:2 +FLAGS (\\Seen)")
         self.assertIn(b"* 1 FETCH (UID 1 FLAGS (\\Seen \\Recent))", out)
-        out = self.run_command(b"b STORE 1 +FLAGS (\\Flagged \\Answered $Forwarded)")
+        out = self.run_command(b"b STORE 1 +FLAGS (\\Flagged \\Answered \\Recent \\Foo)")
         self.assertIn(b"* 1 FETCH (FLAGS (\\Answered \\Flagged \\Seen \\Recent))", out)
         out = self.run_command(b"c STORE 1 -FLAGS.SILENT \\Answered")
         self.assertEqual(out, b"c OK STORE completed\r\n")
@@ -805,7 +874,10 @@ class StoreSearchTests(ServerTestMixin, SynchronousTestCase):
     def test_search(self):
         """SEARCH and UID SEARCH over flags, headers, body, sizes, dates,
         sets, NOT and OR."""
-        self.run_command(b"s STORE 1 +FLAGS (\\Seen \\Flagged)\r\nt STORE 3 +FLAGS (\\Deleted)")
+        self.run_command(
+            b"s STORE 1 +FLAGS (\\Seen \\Flagged)\r\nt STORE 3 +FLAGS (\\Deleted)\r\n"
+            b"u STORE 2 +FLAGS ($Forwarded)"
+        )
         cases = {
             b"ALL": b"1 2 3",
             b"SEEN": b"1",
@@ -841,8 +913,12 @@ class StoreSearchTests(ServerTestMixin, SynchronousTestCase):
             b"NOT SEEN": b"2 3",
             b"OR SEEN DELETED": b"1 3",
             b"(UNSEEN UNDELETED)": b"2",
-            b"KEYWORD $Forwarded": b"",
-            b"UNKEYWORD $Forwarded": b"1 2 3",
+            b"KEYWORD $Forwarded": b"2",
+            b"KEYWORD $forwarded": b"2",
+            b"UNKEYWORD $Forwarded": b"1 3",
+            b"KEYWORD $Junk": b"",
+            b"UNKEYWORD $Junk": b"1 2 3",
+            b"OR KEYWORD $Forwarded SEEN": b"1 2",
             b"CHARSET UTF-8 SUBJECT {3+}\r\none": b"1",
             b"CHARSET UTF-8 TEXT {6+}\r\nAlic\xc3\xa9": b"",
         }

@@ -25,6 +25,7 @@ from mailsys.maildir import (
     DeliveryError,
     Folder,
     FolderError,
+    KeywordLimit,
     Mailbox,
     MaildirStore,
     MessageGone,
@@ -672,14 +673,14 @@ class FlagTests(SynchronousTestCase):
     def test_setFlags(self) -> None:
         """
         Setting flags renames the file with the sorted letters, moving it
-        from new/ to cur/; flag names are case-insensitive and non-system
-        flags are ignored; the UID stays.
+        from new/ to cur/; flag names are case-insensitive, \\Recent and
+        unknown \\ flags are ignored; the UID stays.
         """
         store, mailbox = newMailbox(self)
         path = deliver(store)
         inbox = mailbox.folder("INBOX")
         [info] = inbox.scan()
-        changed = inbox.set_flags(info, ["\\seen", "\\Flagged", "\\Recent", "$Junk"])
+        changed = inbox.set_flags(info, ["\\seen", "\\Flagged", "\\Recent", "\\Foo"])
         self.assertEqual(changed.path, inbox.path / "cur" / (path.name + ":2,FS"))
         self.assertEqual(changed.flags, {"\\Seen", "\\Flagged"})
         self.assertEqual(os.listdir(inbox.path / "new"), [])
@@ -726,6 +727,179 @@ class FlagTests(SynchronousTestCase):
         self.assertRaises(MessageGone, inbox.set_flags, info, ["\\Seen"])
         # Also when the flags asked for are the ones it had.
         self.assertRaises(MessageGone, inbox.set_flags, info, [])
+
+
+class KeywordTests(SynchronousTestCase):
+    """
+    Keywords ($Forwarded, $Junk, $label1...) live where Dovecot keeps them:
+    lower-case info letters, named by the folder's dovecot-keywords file.
+    """
+
+    def test_fileFormat(self) -> None:
+        """
+        A new keyword takes the next letter and a line in dovecot-keywords
+        in Dovecot's format; the message's name carries the letter; a new
+        session sees the keyword; names are case-insensitive, the first
+        spelling stays; removing a keyword removes its letter only.
+        """
+        store, mailbox = newMailbox(self)
+        deliver(store)
+        inbox = mailbox.folder("INBOX")
+        [info] = inbox.scan()
+        changed = inbox.set_flags(info, ["\\Seen", "$Forwarded", "$label1"])
+        self.assertEqual(
+            (inbox.path / "dovecot-keywords").read_bytes(), b"0 $Forwarded\n1 $label1\n"
+        )
+        self.assertTrue(changed.path.name.endswith(":2,Sab"), changed.path.name)
+        self.assertEqual(changed.flags, {"\\Seen", "$Forwarded", "$label1"})
+        fresh = Mailbox(store, ALICE).folder("INBOX")
+        self.assertEqual(fresh.keywords(), ["$Forwarded", "$label1"])
+        [scanned] = fresh.scan()
+        self.assertEqual(scanned.flags, changed.flags)
+        again = fresh.set_flags(scanned, ["$FORWARDED", "$Junk"])
+        self.assertTrue(again.path.name.endswith(":2,ac"), again.path.name)
+        self.assertEqual(again.flags, {"$Forwarded", "$Junk"})
+        self.assertEqual(fresh.keywords(), ["$Forwarded", "$label1", "$Junk"])
+        self.assertEqual(
+            fresh.define_keywords(["$junk", "NonJunk"]), ["$Junk", "NonJunk"]
+        )
+        self.assertEqual(
+            inbox.keywords(), ["$Forwarded", "$label1", "$Junk", "NonJunk"]
+        )
+
+    def test_readsDovecotFile(self) -> None:
+        """
+        A dovecot-keywords written by Dovecot is read as Dovecot reads it
+        (gaps, junk lines and indexes past z skipped); a keyword defined
+        here takes the first free letter, keeps Dovecot's lines, and moves
+        the file's mtime on by a whole second at least, so Dovecot notices.
+        """
+        store, mailbox = newMailbox(self)
+        root = store.path_for(ALICE)
+        keywords = root / "dovecot-keywords"
+        keywords.write_bytes(
+            b"0 $Forwarded\n1 Junk\n3 $label2\nno index\n30 $Far\n7 \n4 bad(name\n"
+        )
+        past = 1_700_000_000.25
+        os.utime(keywords, (past, past))
+        (root / "cur" / "1.M1P1.dovecot:2,RSabde").write_bytes(BODY)
+        inbox = mailbox.folder("INBOX")
+        [info] = inbox.scan()
+        self.assertEqual(
+            info.flags, {"\\Answered", "\\Seen", "$Forwarded", "Junk", "$label2"}
+        )
+        # The name IMAP cannot show keeps its letter: it is not given away
+        # and not dropped from the message.
+        self.assertEqual(inbox.keywords(), ["$Forwarded", "Junk", "$label2"])
+        changed = inbox.set_flags(info, ["\\Seen", "$NotJunk"])
+        self.assertEqual(changed.path.name, "1.M1P1.dovecot:2,Sce")
+        self.assertEqual(changed.flags, {"\\Seen", "$NotJunk"})
+        self.assertEqual(
+            keywords.read_bytes(),
+            b"0 $Forwarded\n1 Junk\n2 $NotJunk\n3 $label2\n4 bad(name\n",
+        )
+        self.assertGreaterEqual(os.stat(keywords).st_mtime, int(past) + 1)
+
+    def test_concurrentDefinition(self) -> None:
+        """
+        Sessions defining new keywords at once never give one letter two
+        names: each takes its letter under the folder lock, after reading
+        the file again, even when its own copy of the list is out of date.
+        """
+        store, mailbox = newMailbox(self)
+        first = mailbox.folder("INBOX")
+        second = Mailbox(store, ALICE).folder("INBOX")
+        self.assertEqual(first.keywords(), [])
+        self.assertEqual(second.keywords(), [])
+        first.define_keywords(["$a"])
+        second.define_keywords(["$b"])
+        first.define_keywords(["$c"])
+        self.assertEqual(second.keywords(), ["$a", "$b", "$c"])
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(8)
+
+        def work(n: int) -> None:
+            folder = Mailbox(store, ALICE).folder("INBOX")
+            folder.keywords()
+            barrier.wait()
+            try:
+                folder.define_keywords([f"$t{n}", "$shared"])
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(errors, [])
+        names = Mailbox(store, ALICE).folder("INBOX").keywords()
+        self.assertEqual(names[:3], ["$a", "$b", "$c"])
+        self.assertEqual(
+            sorted(names[3:]), sorted([f"$t{n}" for n in range(8)] + ["$shared"])
+        )
+        lines = (first.path / "dovecot-keywords").read_bytes().splitlines()
+        self.assertEqual(len(lines), 12)
+
+    def test_limit(self) -> None:
+        """
+        26 keywords fit; the 27th is refused with a clear error and the
+        message keeps its flags; a message appended or copied with it is
+        stored without it.
+        """
+        store, mailbox = newMailbox(self)
+        inbox = mailbox.folder("INBOX")
+        info = inbox.append(BODY, ["\\Seen"])
+        names = [f"$k{n}" for n in range(26)]
+        self.assertEqual(inbox.define_keywords(names), names)
+        with self.assertRaises(KeywordLimit) as caught:
+            inbox.set_flags(info, ["\\Seen", "$k0", "$extra"])
+        self.assertIn("$extra", str(caught.exception))
+        self.assertIn("26 keywords", str(caught.exception))
+        self.assertIsInstance(caught.exception, FolderError)
+        [scanned] = inbox.scan()
+        self.assertEqual(scanned.flags, {"\\Seen"})
+        self.assertEqual(
+            inbox.define_keywords(["$k1", "$extra"], partial=True), ["$k1"]
+        )
+        self.assertRaises(KeywordLimit, inbox.define_keywords, ["$extra"])
+        appended = inbox.append(BODY, ["$extra", "$k25"])
+        self.assertEqual(appended.flags, {"$k25"})
+        self.assertTrue(appended.path.name.endswith(":2,z"), appended.path.name)
+        trash = mailbox.create_folder("Trash")
+        trash.define_keywords(names[1:] + ["$other"])
+        tagged = inbox.set_flags(info, ["$k0", "$k1"])
+        [copy] = inbox.copy_to([tagged], trash)
+        self.assertEqual(copy.flags, {"$k1"})
+
+    def test_copyAndAppendKeepKeywords(self) -> None:
+        """
+        A copy carries its keywords into the target folder, where they may
+        have other letters; an appended message gets its keywords.
+        """
+        store, mailbox = newMailbox(self)
+        inbox = mailbox.folder("INBOX")
+        info = inbox.append(BODY, ["\\Seen", "$Forwarded"])
+        self.assertEqual(info.flags, {"\\Seen", "$Forwarded"})
+        self.assertTrue(info.path.name.endswith(":2,Sa"))
+        trash = mailbox.create_folder("Trash")
+        trash.define_keywords(["Other"])
+        [copy] = inbox.copy_to([info], trash)
+        self.assertEqual(copy.flags, {"\\Seen", "$Forwarded"})
+        self.assertTrue(copy.path.name.endswith(":2,Sb"), copy.path.name)
+        [scanned] = Mailbox(store, ALICE).folder("Trash").scan()
+        self.assertEqual(scanned.flags, copy.flags)
+
+    def test_invalidKeyword(self) -> None:
+        """A keyword that is not an IMAP atom is refused, nothing changed."""
+        store, mailbox = newMailbox(self)
+        inbox = mailbox.folder("INBOX")
+        info = inbox.append(BODY)
+        for bad in ("two words", "a(b", "x]", "caf\u00e9", "$" + "x" * 200, ""):
+            self.assertRaises(FolderError, inbox.set_flags, info, [bad])
+            self.assertRaises(FolderError, inbox.append, BODY, [bad])
+        self.assertFalse((inbox.path / "dovecot-keywords").exists())
+        self.assertEqual(len(inbox.scan()), 1)
 
 
 class OpenTests(SynchronousTestCase):

@@ -17,16 +17,17 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from zope.interface import Attribute, Interface, implementer
 
 from mailsys.imap import syntax
 from mailsys.imap.syntax import BadCommand, SequenceSet
 
-# The flags a message can carry here: the IMAP system flags the maildir
-# info letters can hold (no keywords, so PERMANENTFLAGS has no \*).
+# The IMAP system flags the maildir info letters hold (upper-case letters);
+# keywords ($Forwarded, $Junk...) take the lower-case ones, 26 per folder.
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+MAX_KEYWORDS = 26
 HIERARCHY = "/"
 
 
@@ -86,17 +87,31 @@ def _in_new(info: Any) -> bool:
     return Path(info.path).parent.name == "new"
 
 
-def scan_folder(folder: Any, claim: bool) -> tuple[list[Any], set[int]]:
+class FolderScan(NamedTuple):
+    """A look at the selected folder: what a session tells its client."""
+
+    infos: list[Any]
+    # The UIDs of the messages that are \\Recent for this session.
+    recent: set[int]
+    # The keywords defined in the folder, for FLAGS and PERMANENTFLAGS.
+    keywords: tuple[str, ...]
+
+
+def scan_folder(folder: Any, claim: bool) -> FolderScan:
     """
-    Blocking.  The folder's messages, and the UIDs of those that are
-    \\Recent (RFC 3501 2.3.2).  With C{claim} (a read-write SELECT) the
-    messages in C{new/} are moved to C{cur/} and are recent for this
-    session only; read-only, whatever is still in C{new/} is recent.
+    Blocking.  The folder's messages, the UIDs of those that are \\Recent
+    (RFC 3501 2.3.2) and its keywords.  With C{claim} (a read-write
+    SELECT) the messages in C{new/} are moved to C{cur/} and are recent
+    for this session only; read-only, whatever is still in C{new/} is
+    recent.
     """
     infos = folder.scan(claim_new=claim)
+    keywords = tuple(folder.keywords())
     if claim:
-        return infos, {info.uid for info in infos if folder.is_recent(info)}
-    return infos, {info.uid for info in infos if _in_new(info)}
+        recent = {info.uid for info in infos if folder.is_recent(info)}
+    else:
+        recent = {info.uid for info in infos if _in_new(info)}
+    return FolderScan(infos, recent, keywords)
 
 
 class ChangeWatch:
@@ -130,9 +145,7 @@ class ChangeWatch:
         return True
 
 
-def poll_folder(
-    folder: Any, claim: bool, watch: ChangeWatch
-) -> tuple[list[Any], set[int]] | None:
+def poll_folder(folder: Any, claim: bool, watch: ChangeWatch) -> FolderScan | None:
     """Blocking.  L{scan_folder}, or C{None} when nothing can have changed."""
     if not watch.may_have_changed(folder):
         return None
@@ -163,8 +176,10 @@ class FolderView:
         infos: list[Any],
         recent: set[int],
         uidvalidity: int,
+        keywords: Sequence[str] = (),
     ) -> None:
         self.name = name
+        self.keywords = tuple(keywords)
         self.uidvalidity = uidvalidity
         self.folder = folder
         self.read_only = read_only
@@ -178,6 +193,35 @@ class FolderView:
 
     def _reindex(self) -> None:
         self._index = {info.uid: i for i, info in enumerate(self.messages)}
+
+    def flag_lines(self) -> list[bytes]:
+        """
+        RFC 3501 7.2.6 FLAGS and 7.1 PERMANENTFLAGS: the system flags and
+        the folder's keywords; C{\\*} while new keywords can still be
+        made; nothing is permanent in a read-only session.
+        """
+        flags = syntax.flag_list(list(SYSTEM_FLAGS) + list(self.keywords))
+        if self.read_only:
+            permanent = b"()"
+        elif len(self.keywords) < MAX_KEYWORDS:
+            permanent = flags[:-1] + b" \\*)"
+        else:
+            permanent = flags
+        return [
+            b"* FLAGS " + flags,
+            b"* OK [PERMANENTFLAGS " + permanent + b"] Flags permitted",
+        ]
+
+    def learn_keywords(self, keywords: Sequence[str]) -> list[bytes]:
+        """
+        Take the folder's keywords now; the FLAGS and PERMANENTFLAGS
+        responses to send if they changed (RFC 3501 7.2.6: a client must
+        hear of a new keyword before it sees a message carry it).
+        """
+        if tuple(keywords) == self.keywords:
+            return []
+        self.keywords = tuple(keywords)
+        return self.flag_lines()
 
     def flags(self, info: Any) -> frozenset[str]:
         """The flags to show for C{info}, \\Recent included."""

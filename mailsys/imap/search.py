@@ -105,8 +105,10 @@ def _key(args: Arguments, depth: int) -> Key:
             keys.append(_key(args, depth + 1))
         return Key("AND", tuple(keys))
     following = args.peek()
-    if following is not None and following > 0 and (
-        chr(following).isdigit() or following == ord("*")
+    if (
+        following is not None
+        and following > 0
+        and (chr(following).isdigit() or following == ord("*"))
     ):
         return Key("SEQ", (args.sequence_set(),))
     name = args.keyword("a search key")
@@ -119,9 +121,8 @@ def _key(args: Arguments, depth: int) -> Key:
         return Key(name)
     if name in ("KEYWORD", "UNKEYWORD"):
         args.space()
-        args.flag()
-        # No keywords are stored: none is set, all are unset.
-        return Key("ALL") if name == "UNKEYWORD" else Key("NONE")
+        # Keywords are case-insensitive, like all flags (RFC 3501 2.3.2).
+        return Key("KEYWORD", (args.flag().lower(), name == "KEYWORD"))
     if name in _ADDRESS_KEYS:
         args.space()
         return Key("HEADER", (name.lower(), _text(args)))
@@ -286,6 +287,10 @@ def _matches(key: Key, message: _Candidate, largest_uid: int, count: int) -> boo
     if op == "FLAG":
         flag, present = key.args
         return (flag in info.flags) == present
+    if op == "KEYWORD":
+        keyword, present = key.args
+        found = any(f.lower() == keyword for f in info.flags if not f.startswith("\\"))
+        return found == present
     if op == "RECENT":
         return message.recent
     if op == "NEW":

@@ -38,6 +38,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.interfaces import (
     IPushProducer,
+    IReactorFDSet,
     IReactorThreads,
     ISSLTransport,
     ITLSTransport,
@@ -55,7 +56,9 @@ from mailsys.imap import syntax, utf7
 from mailsys.imap.fetch import MESSAGE, FetchItem, MessageCache, fetch_one, parse_items
 from mailsys.imap.mailbox import (
     HIERARCHY,
+    MAX_KEYWORDS,
     SYSTEM_FLAGS,
+    FolderScan,
     FolderView,
     IIMAPAccount,
     list_folders,
@@ -64,6 +67,7 @@ from mailsys.imap.mailbox import (
 )
 from mailsys.imap.search import BadCharset, parse_search, search
 from mailsys.imap.syntax import Arguments, BadCommand, Literal
+from mailsys.imap.watch import FolderWatch, FolderWatcher
 from mailsys.metrics import SILENT
 
 log = Logger(namespace="mailsys.imap")
@@ -80,8 +84,14 @@ LINE_AFTER_LOGIN = 64 * 1024
 # passwords travel in them.  After login the cap is the message size limit.
 LITERAL_BEFORE_LOGIN = 8 * 1024
 LITERALS_PER_COMMAND = 64
-# RFC 2177: how often an IDLE session looks for new mail.
+# RFC 2177: how often an IDLE session looks for new mail when the kernel
+# cannot tell it (no inotify) ...
 IDLE_POLL = 1.0
+# ... and, as a safety net for lost events, when it can.
+IDLE_SAFETY_POLL = 30.0
+# After an inotify event, wait this long for the rest of the burst (a
+# delivery to many folders, a MOVE of 500 messages): one rescan for all.
+IDLE_SETTLE = 0.05
 # Failed logins before the connection is closed.
 MAX_AUTH_FAILURES = 3
 # Consecutive BAD commands before the connection is closed (Dovecot: 20).
@@ -92,12 +102,14 @@ PIPELINE_BUFFER = 64 * 1024
 FETCH_BATCH_MESSAGES = 500
 FETCH_BATCH_BYTES = 1024 * 1024
 
-_TAG_CHARS = frozenset(
-    b for b in range(0x21, 0x7F) if bytes([b]) not in b'(){%*"\\+'
-)
+_TAG_CHARS = frozenset(b for b in range(0x21, 0x7F) if bytes([b]) not in b'(){%*"\\+')
 _UID_COMMANDS = ("FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE")
 _STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN")
 _FLAG_NAMES = {flag.lower(): flag for flag in SYSTEM_FLAGS}
+# SASL LOGIN's challenges, "Username:" and "Password:" in base64 (the
+# draft-murchison-sasl-login texts, which some clients compare).
+_USERNAME_CHALLENGE = b"+ VXNlcm5hbWU6"
+_PASSWORD_CHALLENGE = b"+ UGFzc3dvcmQ6"
 # RFC 5530: a message another session expunged could not be served.
 _EXPUNGED = "[EXPUNGEISSUED] Some messages were expunged meanwhile"
 
@@ -117,14 +129,32 @@ _COMMANDS = {
     State.NOT_AUTHENTICATED: _ANY | {"STARTTLS", "LOGIN", "AUTHENTICATE"},
     State.AUTHENTICATED: _ANY
     | {
-        "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE",
-        "UNSUBSCRIBE", "LIST", "LSUB", "STATUS", "APPEND", "NAMESPACE",
-        "IDLE", "ENABLE",
+        "SELECT",
+        "EXAMINE",
+        "CREATE",
+        "DELETE",
+        "RENAME",
+        "SUBSCRIBE",
+        "UNSUBSCRIBE",
+        "LIST",
+        "LSUB",
+        "STATUS",
+        "APPEND",
+        "NAMESPACE",
+        "IDLE",
+        "ENABLE",
     },
 }
 _COMMANDS[State.SELECTED] = _COMMANDS[State.AUTHENTICATED] | {
-    "CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE",
-    "COPY", "MOVE",
+    "CHECK",
+    "CLOSE",
+    "UNSELECT",
+    "EXPUNGE",
+    "SEARCH",
+    "FETCH",
+    "STORE",
+    "COPY",
+    "MOVE",
 }
 _COMMANDS[State.LOGOUT] = set()
 
@@ -220,8 +250,6 @@ class _WriteFlow:
         return d
 
 
-
-
 class IMAPServer(Protocol, TimeoutMixin):
     """
     One IMAP session.  Input is taken one command at a time (with its
@@ -256,6 +284,11 @@ class IMAPServer(Protocol, TimeoutMixin):
         self._idle_tag: bytes | None = None
         self._idle_call: Any = None
         self._idle_poll: defer.Deferred[None] | None = None
+        self._idle_watch: FolderWatch | None = None
+        # The pending check was asked for by an inotify event (not a poll).
+        self._idle_soon = False
+        # An event came while a check was under way: look once more after it.
+        self._idle_again = False
 
     # -- connection ---------------------------------------------------------
 
@@ -277,7 +310,9 @@ class IMAPServer(Protocol, TimeoutMixin):
         # RFC 3501 7.1.1: the greeting carries the capabilities, so a
         # client need not ask (Thunderbird does not).
         self._send(
-            b"* OK [CAPABILITY " + self._capabilities() + b"] "
+            b"* OK [CAPABILITY "
+            + self._capabilities()
+            + b"] "
             + self.factory.hostname.encode("ascii", "replace")
             + b" IMAP4rev1 mailsys ready"
         )
@@ -333,7 +368,10 @@ class IMAPServer(Protocol, TimeoutMixin):
             if self._can_starttls():
                 caps.append("STARTTLS")
             # RFC 3501 6.2.3 and RFC 2595 3.2: no passwords in clear.
-            caps.append("AUTH=PLAIN" if self._passwords_allowed() else "LOGINDISABLED")
+            if self._passwords_allowed():
+                caps += ["AUTH=PLAIN", "AUTH=LOGIN"]
+            else:
+                caps.append("LOGINDISABLED")
         return " ".join(caps).encode("ascii")
 
     def _can_starttls(self) -> bool:
@@ -592,7 +630,7 @@ class IMAPServer(Protocol, TimeoutMixin):
                     raise BadCommand("too many ID fields")
         args.end()
         text = [(value or b"").decode("utf-8", "replace") for value in client]
-        fields = dict(zip(text[::2], text[1::2]))
+        fields = dict(zip(text[::2], text[1::2], strict=False))
         log.info("imap client {client} id {id}", client=self.client, id=fields)
         self._send(b'* ID ("name" "mailsys" "vendor" "mailsys")')
         self._tagged(tag, b"OK", "ID completed")
@@ -634,7 +672,11 @@ class IMAPServer(Protocol, TimeoutMixin):
     def do_AUTHENTICATE(
         self, tag: bytes, args: Arguments
     ) -> defer.Deferred[None] | None:
-        """RFC 3501 6.2.2 with RFC 4959 SASL-IR; PLAIN, Thunderbird's first choice."""
+        """
+        RFC 3501 6.2.2 with RFC 4959 SASL-IR: PLAIN, Thunderbird's first
+        choice, and LOGIN, what it tries next (and what Outlook and older
+        phones use).
+        """
         args.space()
         mechanism = args.atom("a SASL mechanism").upper()
         initial = None
@@ -642,30 +684,45 @@ class IMAPServer(Protocol, TimeoutMixin):
             # RFC 4959 SASL-IR.
             initial = args.atom("an initial response")
         args.end()
-        if mechanism != b"PLAIN":
+        if mechanism not in (b"PLAIN", b"LOGIN"):
             raise Refusal("Unsupported authentication mechanism", "CANNOT")
         if not self._passwords_allowed():
             raise Refusal("Use STARTTLS before sending a password", "PRIVACYREQUIRED")
+        if mechanism == b"LOGIN":
+            if initial is not None:
+                # RFC 4959 3: LOGIN's initial response is the user name.
+                return self._login_user(tag, initial)
+            self._send(_USERNAME_CHALLENGE)
+            self._continuation = lambda line: self._login_user(tag, line)
+            return None
         if initial is not None:
             return self._plain(tag, initial)
         self._send(b"+ ")
         self._continuation = lambda line: self._plain(tag, line)
         return None
 
-    def _plain(self, tag: bytes, response: bytes) -> defer.Deferred[None] | None:
-        """RFC 4616 PLAIN: C{authzid NUL authcid NUL password}, base64."""
+    def _sasl_response(self, tag: bytes, response: bytes) -> bytes | None:
+        """
+        One decoded SASL response; C{None}, with the command answered BAD,
+        when the client cancelled (RFC 3501 6.2.2: C{*}) or sent bad base64.
+        """
         if response == b"*":
-            # RFC 3501 6.2.2: the client cancelled.
             self._tagged(tag, b"BAD", "Authentication cancelled")
             return None
+        if response == b"=":
+            # RFC 4959 3: an empty initial response.
+            return b""
         try:
-            if response == b"=":
-                decoded = b""
-            else:
-                decoded = base64.b64decode(response, validate=True)
+            return base64.b64decode(response, validate=True)
         except (binascii.Error, ValueError):
             self._tagged(tag, b"BAD", "Invalid base64 in authentication response")
             return None
+
+    def _plain(self, tag: bytes, response: bytes) -> None:
+        """RFC 4616 PLAIN: C{authzid NUL authcid NUL password}, base64."""
+        decoded = self._sasl_response(tag, response)
+        if decoded is None:
+            return
         fields = decoded.split(b"\0")
         if len(fields) != 3 or (fields[0] and fields[0] != fields[1]):
             d: defer.Deferred[None] = defer.fail(UnauthorizedLogin("bad PLAIN"))
@@ -673,7 +730,23 @@ class IMAPServer(Protocol, TimeoutMixin):
         else:
             d = self._login(tag, fields[1], fields[2])
         self._wait(d, tag)
-        return None
+
+    def _login_user(self, tag: bytes, response: bytes) -> None:
+        """
+        SASL LOGIN (draft-murchison-sasl-login), first step: the user name;
+        ask for the password.
+        """
+        user = self._sasl_response(tag, response)
+        if user is None:
+            return
+        self._send(_PASSWORD_CHALLENGE)
+        self._continuation = lambda line: self._login_password(tag, user, line)
+
+    def _login_password(self, tag: bytes, user: bytes, response: bytes) -> None:
+        """SASL LOGIN, second step: the password; check both."""
+        password = self._sasl_response(tag, response)
+        if password is not None:
+            self._wait(self._login(tag, user, password), tag)
 
     def _login(self, tag: bytes, user: bytes, password: bytes) -> defer.Deferred[None]:
         credentials = UsernamePassword(user, password)
@@ -772,21 +845,25 @@ class IMAPServer(Protocol, TimeoutMixin):
         self._deselect()
         mailbox = self.mailbox
 
-        def open_folder() -> tuple[Any, list[Any], set[int], int, int]:
+        def open_folder() -> tuple[Any, FolderScan, int, int]:
             folder = mailbox.folder(name)
-            infos, fresh = scan_folder(folder, claim=not read_only)
-            return folder, infos, fresh, folder.uidvalidity, folder.uidnext
+            scan = scan_folder(folder, claim=not read_only)
+            return folder, scan, folder.uidvalidity, folder.uidnext
 
-        def opened(result: tuple[Any, list[Any], set[int], int, int]) -> None:
-            folder, infos, fresh, uidvalidity, uidnext = result
-            view = FolderView(folder.name, folder, read_only, infos, fresh, uidvalidity)
+        def opened(result: tuple[Any, FolderScan, int, int]) -> None:
+            folder, scan, uidvalidity, uidnext = result
+            view = FolderView(
+                folder.name,
+                folder,
+                read_only,
+                scan.infos,
+                scan.recent,
+                uidvalidity,
+                keywords=scan.keywords,
+            )
             self.view = view
             self.state = State.SELECTED
-            flags = syntax.flag_list(SYSTEM_FLAGS)
-            permanent = b"()" if read_only else flags
-            lines = [
-                b"* FLAGS " + flags,
-                b"* OK [PERMANENTFLAGS " + permanent + b"] Flags permitted",
+            lines = view.flag_lines() + [
                 b"* %d EXISTS" % len(view),
                 b"* %d RECENT" % len(view.recent),
             ]
@@ -1043,53 +1120,109 @@ class IMAPServer(Protocol, TimeoutMixin):
         self._read_only_listener()
         if message.size == 0:
             raise Refusal("Cannot store an empty message")
-        wanted = _system_flags(flags)
+        wanted = _stored_flags(flags)
         mailbox = self.mailbox
 
-        def append() -> tuple[Any, int, int]:
+        def append() -> tuple[Any, int, int, str]:
             from mailsys.maildir import FolderError
 
             try:
                 folder = mailbox.folder(name)
             except FolderError as e:
                 raise Refusal(str(e), "TRYCREATE") from None
+            dropped = _define_keywords(folder, wanted)
             message.file.seek(0)
             info = folder.append(message.file, wanted, date)
-            return folder, folder.uidvalidity, info.uid
+            return folder, folder.uidvalidity, info.uid, dropped
 
-        def appended(result: tuple[Any, int, int]):
-            folder, uidvalidity, uid = result
+        def appended(result: tuple[Any, int, int, str]):
+            folder, uidvalidity, uid, dropped = result
             d: defer.Deferred[None] = defer.succeed(None)
             if self.view is not None and self.view.folder.path == folder.path:
                 d = self._refresh()
             # RFC 4315 APPENDUID.
             text = b"[APPENDUID %d %d] APPEND completed" % (uidvalidity, uid)
+            text += dropped.encode("ascii")
             return d.addCallback(lambda _: self._tagged(tag, b"OK", text))
 
         return self._blocking(append).addCallback(appended)
 
     def do_IDLE(self, tag: bytes, args: Arguments) -> None:
-        """RFC 2177: report changes as they happen until the client says DONE."""
+        """
+        RFC 2177: report changes as they happen until the client says DONE.
+        Where inotify works, the folder is watched while the session idles,
+        and only then: outside IDLE changes are reported when a command
+        completes, which rescans anyway, so a watch would only hold a
+        kernel resource.  Otherwise the folder is polled every second.
+        """
         args.end()
         self._idle_tag = tag
         self._send(b"+ idling")
         self._continuation = self._idle_line
-        if self.view is not None:
-            self._idle_call = self.callLater(IDLE_POLL, self._idle_check)
+        if self.view is None:
+            return
+        self._idle_watch_folder()
+        if self._idle_watch is not None:
+            # Mail may have come between the last scan and the watch.
+            self._idle_changed()
+        else:
+            self._idle_next(self.factory.idle_poll)
+
+    def _idle_watch_folder(self) -> None:
+        """Watch the selected folder, if the listener has inotify."""
+        watcher = self.factory.watcher
+        if self._idle_watch is not None and self._idle_watch.active:
+            return
+        self._idle_watch = None
+        if watcher is not None and self.view is not None:
+            self._idle_watch = watcher.watch(self.view.folder.path, self._idle_changed)
+
+    def _idle_next(self, delay: float) -> None:
+        """(Re)schedule the next check of the folder in C{delay} seconds."""
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = self.callLater(delay, self._idle_check)
+
+    def _idle_changed(self) -> None:
+        """
+        Something moved in C{new/} or C{cur/}: check soon, once the burst
+        has settled; if a check is under way it may have missed this, so
+        another follows it.
+        """
+        if self._idle_tag is None or self._closed:
+            return
+        if self._idle_poll is not None:
+            self._idle_again = True
+        elif not self._idle_soon:
+            self._idle_soon = True
+            self._idle_next(self.factory.idle_settle)
 
     def _idle_check(self) -> None:
         self._idle_call = None
         if self._idle_tag is None or self.view is None or self._closed:
             return
-        d = self._refresh(poll=True)
+        # A timer poll first looks at the directories' mtimes; an event
+        # says for certain that something changed.
+        poll = not self._idle_soon
+        self._idle_soon = self._idle_again = False
+        d = self._refresh(poll=poll)
 
         def again(result: object) -> None:
             self._idle_poll = None
             if isinstance(result, Failure):
                 log.failure("imap IDLE check failed for {user}", result, user=self.user)
             idling = self._idle_tag is not None and self.view is not None
-            if idling and not self._closed:
-                self._idle_call = self.callLater(IDLE_POLL, self._idle_check)
+            if not idling or self._closed:
+                return
+            # The watcher may have lost its descriptor meanwhile.
+            self._idle_watch_folder()
+            if self._idle_again:
+                self._idle_again = False
+                self._idle_changed()
+            elif self._idle_watch is not None:
+                self._idle_next(self.factory.idle_safety_poll)
+            else:
+                self._idle_next(self.factory.idle_poll)
 
         self._idle_poll = d
         d.addBoth(again)
@@ -1115,11 +1248,16 @@ class IMAPServer(Protocol, TimeoutMixin):
         return None
 
     def _stop_idle(self) -> None:
+        """End IDLE: no timer and no inotify watch is left behind."""
         self._idle_tag = None
         self._idle_poll = None
+        self._idle_soon = self._idle_again = False
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
+        if self._idle_watch is not None:
+            self._idle_watch.cancel()
+            self._idle_watch = None
         if self._continuation == self._idle_line:
             self._continuation = None
 
@@ -1136,11 +1274,11 @@ class IMAPServer(Protocol, TimeoutMixin):
         else:
             d = self._blocking(scan_folder, view.folder, not view.read_only)
 
-        def scanned(result: tuple[list[Any], set[int]] | None) -> None:
+        def scanned(result: FolderScan | None) -> None:
             if result is None or self.view is not view or self._closed:
                 return
-            infos, fresh = result
-            for line in view.apply_scan(infos, fresh):
+            lines = view.learn_keywords(result.keywords)
+            for line in lines + view.apply_scan(result.infos, result.recent):
                 self._send(line)
 
         def vanished(failure: Failure) -> None:
@@ -1308,14 +1446,19 @@ class IMAPServer(Protocol, TimeoutMixin):
         if mode not in ("FLAGS", "+FLAGS", "-FLAGS") or suffix not in ("", "SILENT"):
             raise BadCommand("expected FLAGS, +FLAGS or -FLAGS")
         args.space()
-        flags = _system_flags(args.flag_list(parenthesised_only=False))
+        flags = _stored_flags(args.flag_list(parenthesised_only=False))
         args.end()
         view = self._writable()
         entries = view.select(messages, uid)
         work = [(e.seq, e.info) for e in entries]
         d = self._blocking(_store, view.folder, work, mode, flags)
 
-        def stored(results: list[tuple[int, Any]]) -> None:
+        def stored(answer: tuple[list[tuple[int, Any]], list[str]]) -> None:
+            results, keywords = answer
+            if self.view is view:
+                # RFC 3501 7.2.6: a new keyword is announced before use.
+                for line in view.learn_keywords(keywords):
+                    self._send(line)
             gone = 0
             for seq, info in results:
                 if info is None:
@@ -1351,20 +1494,21 @@ class IMAPServer(Protocol, TimeoutMixin):
         infos = [e.info for e in entries]
         mailbox = self.mailbox
 
-        def copy() -> tuple[Any, int, list[int]]:
+        def copy() -> tuple[Any, int, list[int], str]:
             from mailsys.maildir import FolderError
 
             try:
                 target = mailbox.folder(name)
             except FolderError as e:
                 raise Refusal(str(e), "TRYCREATE") from None
+            dropped = _define_keywords(target, {f for i in infos for f in i.flags})
             copies = view.folder.copy_to(infos, target)
             if move:
                 view.folder.expunge(infos)
-            return target, target.uidvalidity, [c.uid for c in copies]
+            return target, target.uidvalidity, [c.uid for c in copies], dropped
 
-        def copied(result: tuple[Any, int, list[int]]):
-            target, uidvalidity, new_uids = result
+        def copied(result: tuple[Any, int, list[int], str]):
+            target, uidvalidity, new_uids, dropped = result
             # RFC 4315 COPYUID; the source set in UID order, matched in order.
             code = b"COPYUID %d %s %s" % (
                 uidvalidity,
@@ -1380,12 +1524,15 @@ class IMAPServer(Protocol, TimeoutMixin):
                         self._send(line)
             if self.view is view and view.folder.path == target.path:
                 d = self._refresh()
+            note = dropped.encode("ascii")
             if move:
                 return d.addCallback(
-                    lambda _: self._tagged(tag, b"OK", "MOVE completed")
+                    lambda _: self._tagged(tag, b"OK", b"MOVE completed" + note)
                 )
             return d.addCallback(
-                lambda _: self._tagged(tag, b"OK", b"[" + code + b"] COPY completed")
+                lambda _: self._tagged(
+                    tag, b"OK", b"[" + code + b"] COPY completed" + note
+                )
             )
 
         return self._blocking(copy).addCallback(copied)
@@ -1395,13 +1542,38 @@ class IMAPServer(Protocol, TimeoutMixin):
         return self.do_COPY(tag, args, uid, move=True)
 
 
-def _system_flags(flags: list[str]) -> set[str]:
+def _stored_flags(flags: list[str]) -> set[str]:
     """
-    The system flags among C{flags}, canonically spelt.  Keywords cannot be
-    stored (PERMANENTFLAGS says so) and \\Recent is the server's: both are
+    The flags of C{flags} that can be stored: the system flags, canonically
+    spelt, and keywords, once each whatever their case.  \\Recent is the
+    server's, and other C{\\} flags are not ours to invent: both are
     ignored, as RFC 3501 2.3.2 allows for flags that are not permanent.
     """
-    return {_FLAG_NAMES[f.lower()] for f in flags if f.lower() in _FLAG_NAMES}
+    stored = {_FLAG_NAMES[f.lower()] for f in flags if f.lower() in _FLAG_NAMES}
+    keywords: dict[str, str] = {}
+    for flag in flags:
+        if not flag.startswith("\\"):
+            keywords.setdefault(flag.lower(), flag)
+    return stored | set(keywords.values())
+
+
+def _define_keywords(folder: Any, flags: set[str] | frozenset[str]) -> str:
+    """
+    Blocking.  Define the keywords among C{flags} in C{folder} where there
+    is room; the text to add to the tagged OK naming those left out (a
+    folder holds at most 26), or C{""}.
+    """
+    keywords = sorted(f for f in flags if not f.startswith("\\"))
+    if not keywords:
+        return ""
+    kept = {k.lower() for k in folder.define_keywords(keywords, partial=True)}
+    dropped = [k for k in keywords if k.lower() not in kept]
+    if not dropped:
+        return ""
+    return (
+        f" (keywords not stored, the folder holds {MAX_KEYWORDS} already:"
+        f" {' '.join(dropped)})"
+    )
 
 
 def _batches(entries: list[Any], whole: bool) -> list[list[Any]]:
@@ -1445,10 +1617,27 @@ def _fetch_batch(
 
 def _store(
     folder: Any, work: list[tuple[int, Any]], mode: str, flags: set[str]
-) -> list[tuple[int, Any]]:
-    """Blocking: set, add or remove C{flags}; C{(seq, new info or None if gone)}."""
-    from mailsys.maildir import MessageGone
+) -> tuple[list[tuple[int, Any]], list[str]]:
+    """
+    Blocking: set, add or remove C{flags}; C{(seq, new info or None if
+    gone)} for each message, and the folder's keywords afterwards.  New
+    keywords are defined first, all or none: past the 26th the STORE is
+    refused and nothing changes.
+    """
+    from mailsys.maildir import KeywordLimit, MessageGone
 
+    keywords = [f for f in flags if not f.startswith("\\")]
+    if keywords:
+        if mode == "-FLAGS":
+            known = {k.lower(): k for k in folder.keywords()}
+            spelt = [known[k.lower()] for k in keywords if k.lower() in known]
+        else:
+            try:
+                spelt = folder.define_keywords(keywords)
+            except KeywordLimit as e:
+                raise Refusal(str(e), "LIMIT") from None
+        # The folder's spelling, so that they compare equal to the stored ones.
+        flags = {f for f in flags if f.startswith("\\")} | set(spelt)
     results: list[tuple[int, Any]] = []
     for seq, info in work:
         current = set(info.flags)
@@ -1464,7 +1653,7 @@ def _store(
             results.append((seq, info))
         except MessageGone:
             results.append((seq, None))
-    return results
+    return results, folder.keywords()
 
 
 def _expunge(
@@ -1514,6 +1703,14 @@ class IMAPServerFactory(ServerFactory):
         clock's thread pool when the clock is a reactor, else in line (a
         C{task.Clock} in tests).
     @param metrics: this listener's L{mailsys.metrics.ServiceMetrics}.
+    @param watcher: tells IDLE sessions when their folder changes; by
+        default inotify on the clock when the clock is a reactor, none (IDLE
+        polls) with a C{task.Clock}.
+    @param idle_poll: seconds between IDLE polls without inotify.
+    @param idle_safety_poll: seconds between IDLE polls with inotify, in
+        case an event was lost.
+    @param idle_settle: seconds to wait after an inotify event for the
+        rest of a burst, so that it costs one rescan.
     """
 
     protocol = IMAPServer
@@ -1530,6 +1727,10 @@ class IMAPServerFactory(ServerFactory):
         max_message_size: int = limits.SMTP_MAX_MESSAGE_SIZE,
         blocking: Callable[..., defer.Deferred[Any]] | None = None,
         metrics: Any = SILENT,
+        watcher: FolderWatcher | None = None,
+        idle_poll: float = IDLE_POLL,
+        idle_safety_poll: float = IDLE_SAFETY_POLL,
+        idle_settle: float = IDLE_SETTLE,
     ) -> None:
         self.portal = portal
         self.metrics = metrics
@@ -1546,6 +1747,12 @@ class IMAPServerFactory(ServerFactory):
             else:
                 blocking = _run_here
         self.blocking = blocking
+        if watcher is None and IReactorFDSet.providedBy(clock):
+            watcher = FolderWatcher(clock)
+        self.watcher = watcher
+        self.idle_poll = idle_poll
+        self.idle_safety_poll = idle_safety_poll
+        self.idle_settle = idle_settle
 
     def buildProtocol(self, addr: Any) -> IMAPServer:
         """One session per connection, sharing this listener's settings."""

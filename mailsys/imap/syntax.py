@@ -22,9 +22,7 @@ from typing import Iterator, Sequence
 LITERAL_IN_MEMORY = 256 * 1024
 
 # RFC 3501 9: atom-specials are ( ) { SP CTL % * " \ ].
-_ATOM = frozenset(
-    b for b in range(0x21, 0x7F) if bytes([b]) not in b'(){%*"\\]'
-)
+_ATOM = frozenset(b for b in range(0x21, 0x7F) if bytes([b]) not in b'(){%*"\\]')
 # ASTRING-CHAR is ATOM-CHAR or "]".
 _ASTRING = _ATOM | {ord("]")}
 # A list-mailbox may also hold the wildcards.
@@ -401,7 +399,7 @@ def flag_list(flags: Sequence[str] | frozenset[str]) -> bytes:
 
 _MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
 _DATE_TIME = re.compile(
-    rb' ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)\Z'
+    rb" ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)\Z"
 )
 _DATE = re.compile(rb"(\d{1,2})-([A-Za-z]{3})-(\d{4})\Z")
 

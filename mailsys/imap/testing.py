@@ -19,8 +19,10 @@ from typing import BinaryIO, Iterable, Sequence
 
 from mailsys.maildir import (
     FLAG_LETTERS,
+    MAX_KEYWORDS,
     SPECIAL_USE,
     FolderError,
+    KeywordLimit,
     MessageGone,
     MessageInfo,
     folder_levels,
@@ -41,6 +43,7 @@ class MemoryFolder:
         self._data: dict[int, bytes] = {}
         self._infos: dict[int, MessageInfo] = {}
         self._recent: set[int] = set()
+        self._keywords: list[str] = []
         self._clock = 1751882400.0
 
     @property
@@ -58,7 +61,7 @@ class MemoryFolder:
             uid=uid,
             key=key,
             path=self.path / where / key,
-            flags=frozenset(f for f in flags if f in FLAG_LETTERS),
+            flags=self._flags(flags, partial=True),
             size=len(data),
             crlf_size=len(data) + data.count(b"\n") - data.count(b"\r\n"),
             internal_date=self._clock if date is None else date,
@@ -66,6 +69,28 @@ class MemoryFolder:
         self._data[uid] = data
         self._infos[uid] = info
         return info
+
+    def keywords(self) -> list[str]:
+        return list(self._keywords)
+
+    def define_keywords(
+        self, keywords: Iterable[str], partial: bool = False
+    ) -> list[str]:
+        known = {k.lower(): k for k in self._keywords}
+        wanted = {k.lower(): k for k in keywords if not k.startswith("\\")}
+        new = [k for lower, k in wanted.items() if lower not in known]
+        room = MAX_KEYWORDS - len(self._keywords)
+        if len(new) > room and not partial:
+            raise KeywordLimit(f"cannot add keyword {new[room]}: folder is full")
+        self._keywords += new[:room]
+        known = {k.lower(): k for k in self._keywords}
+        return [known[lower] for lower in wanted if lower in known]
+
+    def _flags(self, flags: Iterable[str], partial: bool) -> frozenset[str]:
+        """The system flags and (defined) keywords of C{flags}."""
+        flags = list(flags)
+        keywords = self.define_keywords(flags, partial)
+        return frozenset([f for f in flags if f in FLAG_LETTERS] + keywords)
 
     def deliver(self, data: bytes) -> MessageInfo:
         """What SMTP delivery does: a new message in C{new/}."""
@@ -106,7 +131,7 @@ class MemoryFolder:
         changed = replace(
             current,
             path=self.path / "cur" / current.key,
-            flags=frozenset(f for f in flags if f in FLAG_LETTERS),
+            flags=self._flags(flags, partial=False),
         )
         self._infos[info.uid] = changed
         return changed
