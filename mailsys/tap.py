@@ -297,6 +297,10 @@ _HTTP_REFUSAL = (
 )
 
 
+# Listeners that speak TLS from the first byte (RFC 8314).
+_IMPLICIT_TLS = ("submissions", "imaps", "pop3s")
+
+
 def _listener_factory(
     name: str, cfg: configuration.Config, top: MailSystem, reactor, incoming
 ):
@@ -304,76 +308,70 @@ def _listener_factory(
     or C{None} for a listener this version does not serve."""
     hostname = cfg.server.hostname
     metrics = top.metrics.service(name)
-    if name == "smtp":
-        delivery = LocalDelivery(
-            top.router, top.store, hostname, reactor, queue=top.queue
-        )
+    implicit = name in _IMPLICIT_TLS
+    starttls = None if implicit else top.tls.contextFactory()
+    plaintext = cfg.auth.allow_plaintext_on_loopback
+    if name == "http":
+        return web.site(cfg, top, reactor), _HTTP_REFUSAL
+    if name in ("smtp", "submission", "submissions"):
+        if name == "smtp":
+            delivery = LocalDelivery(
+                top.router, top.store, hostname, reactor, queue=top.queue
+            )
+            auth = {}
+        else:
+            delivery = SubmissionDelivery(
+                top.router,
+                top.queue,
+                hostname,
+                reactor,
+                hide_client_ip=cfg.submission.hide_client_ip,
+                sender_must_match=cfg.submission.sender_must_match,
+            )
+            auth = dict(
+                portal=top.portal,
+                require_auth=True,
+                implicit_tls=implicit,
+                allow_plaintext_auth=plaintext,
+            )
         factory = ESMTPServerFactory(
             delivery,
             hostname,
             cfg.limits,
             reactor,
-            tls=top.tls.contextFactory(),
+            tls=starttls,
             spool_dir=incoming,
             metrics=metrics,
+            **auth,
         )
-        return factory, _SMTP_REFUSAL
-    if name in ("submission", "submissions"):
-        implicit = name == "submissions"
-        delivery = SubmissionDelivery(
-            top.router,
-            top.queue,
-            hostname,
-            reactor,
-            hide_client_ip=cfg.submission.hide_client_ip,
-            sender_must_match=cfg.submission.sender_must_match,
-        )
-        factory = ESMTPServerFactory(
-            delivery,
-            hostname,
-            cfg.limits,
-            reactor,
-            tls=None if implicit else top.tls.contextFactory(),
-            spool_dir=incoming,
-            portal=top.portal,
-            require_auth=True,
-            implicit_tls=implicit,
-            allow_plaintext_auth=cfg.auth.allow_plaintext_on_loopback,
-            metrics=metrics,
-        )
-        if implicit:
-            return top.tls.wrap(factory), b""
-        return factory, _SMTP_REFUSAL
-    if name in ("pop3", "pop3s"):
-        implicit = name == "pop3s"
+        refusal = _SMTP_REFUSAL
+    elif name in ("pop3", "pop3s"):
         factory = POP3ServerFactory(
             top.portal,
             hostname,
             reactor,
-            tls=None if implicit else top.tls.contextFactory(),
+            tls=starttls,
             implicit_tls=implicit,
-            allow_plaintext_on_loopback=cfg.auth.allow_plaintext_on_loopback,
+            allow_plaintext_on_loopback=plaintext,
             metrics=metrics,
         )
-        if implicit:
-            return top.tls.wrap(factory), b""
-        return factory, _POP3_REFUSAL
-    if name in ("imap", "imaps"):
-        implicit = name == "imaps"
+        refusal = _POP3_REFUSAL
+    elif name in ("imap", "imaps"):
         factory = IMAPServerFactory(
             top.portal,
             hostname,
             reactor,
-            tls=None if implicit else top.tls.contextFactory(),
+            tls=starttls,
             implicit_tls=implicit,
-            allow_plaintext_on_loopback=cfg.auth.allow_plaintext_on_loopback,
+            allow_plaintext_on_loopback=plaintext,
             max_message_size=cfg.limits.max_message_size,
             read_only=getattr(cfg, name).read_only,
             metrics=metrics,
         )
-        if implicit:
-            return top.tls.wrap(factory), b""
-        return factory, _IMAP_REFUSAL
-    if name == "http":
-        return web.site(cfg, top, reactor), _HTTP_REFUSAL
-    return None
+        refusal = _IMAP_REFUSAL
+    else:
+        return None
+    if implicit:
+        # No plain-text channel to say "too many" on: just close.
+        return top.tls.wrap(factory), b""
+    return factory, refusal
