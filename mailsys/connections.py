@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 
+from OpenSSL import SSL
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -63,6 +64,18 @@ def is_loopback(host: str) -> bool:
         return False
     mapped = getattr(address, "ipv4_mapped", None)
     return (mapped or address).is_loopback
+
+
+def tls_failure(reason) -> str:
+    """
+    Why a connection ended, when it ended in a failed TLS handshake or a
+    broken TLS record (a client speaking clear text to an implicit-TLS port,
+    an old protocol version, a scanner); C{""} otherwise.  Protocols add it
+    to their disconnect log line, so the operator sees why, not a traceback.
+    """
+    if reason is None or not reason.check(SSL.Error):
+        return ""
+    return " TLS failed: " + " ".join(str(reason.value).split())[:200]
 
 
 def _client_host(addr) -> str:

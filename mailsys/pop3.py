@@ -43,7 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsys.accounts import MailUser
-from mailsys.connections import is_loopback
+from mailsys.connections import is_loopback, tls_failure
 from mailsys.lines import Line, LineFramer, OrderedInput
 from mailsys.maildir import Folder, MaildirStore, MessageGone, MessageInfo
 from mailsys.metrics import SILENT
@@ -571,7 +571,11 @@ class POP3Server(OrderedInput, pop3.POP3):
             self._updating.addBoth(lambda ignored: self._end_session())
         else:
             self._end_session()
-        log.info("pop3 disconnect from {client}", client=self.client)
+        log.info(
+            "pop3 disconnect from {client}{why}",
+            client=self.client,
+            why=tls_failure(reason),
+        )
 
     def _end_session(self) -> None:
         """Release the mailbox: nothing marked deleted is deleted here."""

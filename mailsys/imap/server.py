@@ -51,7 +51,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsys import limits
-from mailsys.connections import is_loopback
+from mailsys.connections import is_loopback, tls_failure
 from mailsys.imap import syntax, utf7
 from mailsys.imap.fetch import MESSAGE, FetchItem, MessageCache, fetch_one, parse_items
 from mailsys.imap.mailbox import (
@@ -332,7 +332,10 @@ class IMAPServer(Protocol, TimeoutMixin):
             logout, self._logout = self._logout, None
             logout()
         log.info(
-            "imap disconnect {client} user={user}", client=self.client, user=self.user
+            "imap disconnect {client} user={user}{why}",
+            client=self.client,
+            user=self.user,
+            why=tls_failure(reason),
         )
 
     def timeoutConnection(self) -> None:

@@ -43,7 +43,7 @@ from mailsys import limits
 from mailsys.accounts import IMailUser
 from mailsys.addresses import AddressError, parse_path
 from mailsys.config import LimitsSection
-from mailsys.connections import is_loopback
+from mailsys.connections import is_loopback, tls_failure
 from mailsys.lines import Line, LineFramer, OrderedInput
 from mailsys.metrics import SILENT
 from mailsys.smtp.interfaces import (
@@ -233,9 +233,10 @@ class ESMTPServer(OrderedInput, smtp.ESMTP):
             self._onLogout = None
         self.setTimeout(None)
         log.info(
-            "disconnect from {client} session={session}",
+            "disconnect from {client} session={session}{why}",
             client=self.session.client_host,
             session=self.session.session_id,
+            why=tls_failure(reason),
         )
 
     def timeoutConnection(self) -> None:
