@@ -839,6 +839,7 @@ def replace_durably(
     size: int,
     scratch: Path,
     mtime: float | None = None,
+    sync_directory: bool = True,
 ) -> None:
     """
     The durable-write contract for one file, whole: C{prefix} and the rest
@@ -851,6 +852,10 @@ def replace_durably(
     L{MaildirStore.deliver}, the same steps for several mailboxes at once.
 
     @param mtime: the new file's modification time, when it matters.
+    @param sync_directory: C{False} only when the caller writes another
+        file in the same directory next and syncs the directory then, which
+        makes both renames durable with one sync (the queue: message file,
+        then the envelope that commits it).
     """
     temporary = scratch / _temporary_name(target.name)
     try:
@@ -862,7 +867,8 @@ def replace_durably(
         except OSError:
             pass
         raise
-    fsync_directory(target.parent)
+    if sync_directory:
+        fsync_directory(target.parent)
 
 
 def _replace_file(target: Path, data: bytes, durable: bool = True) -> None:

@@ -13,9 +13,13 @@ Layout of the queue directory (C{<state_dir>/queue/}):
 
 Every file is written the same way as a maildir delivery: under C{tmp/},
 C{fsync}, rename into place, C{fsync} the directory.  The message file is
-written first and the envelope second; the envelope's existence commits the
-entry, so a crash at any earlier point leaves only a message file without
-an envelope, which recovery removes (nobody was told it was accepted).
+written first and the envelope second, and one directory sync after the
+envelope's rename makes both names durable (a directory sync costs as much
+as the rest of an enqueue); the envelope's existence commits the entry, so
+a crash at any earlier point leaves a message file without an envelope,
+which recovery removes, or (on a file system that reorders renames) an
+envelope without its message, which recovery sets aside: nobody was told
+either was accepted.
 Removal goes the other way: envelope first, then message.
 
 Every change of state is a read-modify-write of the envelope under an
@@ -323,7 +327,13 @@ class Spool:
 
     # --- durable writes --------------------------------------------------
 
-    def _durable_file(self, name: str, prefix: bytes, message: BinaryIO) -> None:
+    def _durable_file(
+        self,
+        name: str,
+        prefix: bytes,
+        message: BinaryIO,
+        sync_directory: bool = True,
+    ) -> None:
         """
         Make C{<directory>/<name>} hold C{prefix} and the rest of
         C{message}, or leave it as it was: the one durable-write path of
@@ -335,7 +345,14 @@ class Spool:
         while chunk := message.read(CHUNK_SIZE):
             size += len(chunk)
         message.seek(start)
-        replace_durably(self.directory / name, prefix, message, size, self.tmp)
+        replace_durably(
+            self.directory / name,
+            prefix,
+            message,
+            size,
+            self.tmp,
+            sync_directory=sync_directory,
+        )
 
     def _write_envelope(self, entry: QueueEntry) -> None:
         """Write C{entry}'s envelope durably, bumping its revision."""
@@ -344,7 +361,14 @@ class Spool:
         self._durable_file(entry.queue_id + ENVELOPE_SUFFIX, data, io.BytesIO())
 
     def _write_message(self, queue_id: str, message: BinaryIO, prefix: bytes) -> None:
-        self._durable_file(queue_id + MESSAGE_SUFFIX, prefix, message)
+        """
+        The message file, synced but its directory not yet: the envelope
+        written next syncs the directory, which makes both names durable
+        at once.  A crash in between leaves at worst an envelope without
+        its message or a message without an envelope, which recovery
+        discards: nothing was acknowledged yet.
+        """
+        self._durable_file(queue_id + MESSAGE_SUFFIX, prefix, message, False)
 
     # --- enqueue -----------------------------------------------------------
 
