@@ -7,6 +7,13 @@ into the maildir), both real ``twistd mailsys`` processes on loopback.
     .venv/bin/python bench/relay_throughput.py [--clients 4] [--messages 400]
 
 Not part of the test suite.
+
+With --clients 4 --messages 800 (a backlog for one destination taking 4
+at a time), making the queue runner start waiting work from per-destination
+lines instead of walking every due entry at each freed slot took the
+runner's share of a.test's reactor thread from ~35% to under 1% (py-spy),
+and end to end from ~44 to ~52 messages/s on a 2-CPU machine; what is left
+is mostly fsync.
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ sends that message again to those recipients on restart.  No protocol can
 close it (RFC 5321 6.1 accepts duplicates over loss); we keep it to one
 disk write.
 
+Groups waiting for a free slot wait in one first-in, first-out line per
+destination, so that a freed slot costs only the work it starts, not a walk
+over the whole backlog (see L{QueueRunner._pump_once}).
+
 Operators change entries from outside (C{mailsys queue hold}, C{release},
 C{flush}, C{delete}) by rewriting envelopes under the spool's lock.  The
 runner sees those changes by re-reading the spool every L{RESCAN_INTERVAL}
@@ -35,11 +39,13 @@ deleted entry is never attempted again.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import io
-from collections import Counter
+import itertools
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -76,6 +82,10 @@ _EPSILON = 0.001
 
 # Synthetic result for a recipient the transport gave no answer for.
 _NO_RESULT = (451, "4.3.0 no result from the delivery transport")
+
+# Where a group of recipients goes: (delivered locally?, domain).  The
+# per-destination limit counts attempts per domain.
+_Destination = tuple[bool, str]
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,22 @@ def _when(seconds: float) -> str:
 
 def _synchronously(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
     return defer.maybeDeferred(f, *args, **kwargs)
+
+
+@dataclass
+class _Due:
+    """
+    An entry with recipients waiting for a delivery slot.
+
+    @ivar forced: all its pending recipients go, due or not (wake, flush),
+        until it has left every line it waits in.
+    @ivar places: the destinations whose line it waits in, each with the
+        number of its place there; a place in a line that is not listed
+        here (the entry was held, removed or started since) is void.
+    """
+
+    forced: bool
+    places: dict[_Destination, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -190,9 +216,17 @@ class QueueRunner(Service):
 
         self.entries: dict[str, QueueEntry] = {}
         self._timers: dict[str, IDelayedCall] = {}
-        # Entries with recipients waiting for a free slot; True: all their
-        # pending recipients (wake/flush), False: those whose time has come.
-        self._due: dict[str, bool] = {}
+        # Entries with recipients waiting for a free slot.
+        self._due: dict[str, _Due] = {}
+        # One line per destination of (place, queue id), first come first
+        # served; places are numbered in the order entries became due.
+        self._lines: dict[_Destination, deque[tuple[int, str]]] = {}
+        self._places = itertools.count()
+        # A heap of (place, destination): the head of each line whose
+        # domain has a free slot, so the oldest startable group is found
+        # without looking at full destinations.  Items no longer at the
+        # head of their line are skipped when they come up.
+        self._heads: list[tuple[int, _Destination]] = []
         self._in_flight: dict[str, set[str]] = {}
         self._active = 0
         self._per_destination: Counter[str] = Counter()
@@ -333,7 +367,11 @@ class QueueRunner(Service):
         self._due.pop(queue_id, None)
 
     def _reschedule(self, queue_id: str) -> None:
-        """Set the entry's one timer to its earliest pending recipient's time."""
+        """
+        Set the entry's one timer to the earliest time one of its pending
+        recipients falls due, leaving out those already being tried or
+        already waiting in a line (they need no timer to go).
+        """
         timer = self._timers.pop(queue_id, None)
         if timer is not None and timer.active():
             timer.cancel()
@@ -341,7 +379,14 @@ class QueueRunner(Service):
         if entry is None or entry.held or not self.running:
             return
         flying = self._in_flight.get(queue_id, set())
-        times = [r.next_attempt for r in entry.pending if r.address not in flying]
+        due = self._due.get(queue_id)
+        waiting = due.places if due is not None else {}
+        times = [
+            r.next_attempt
+            for r in entry.pending
+            if r.address not in flying
+            and not (waiting and self._destination(r.address) in waiting)
+        ]
         if not times:
             return
         delay = max(0.0, min(times) - self.clock.seconds())
@@ -353,29 +398,57 @@ class QueueRunner(Service):
         self._make_due(queue_id, forced=False)
 
     def _make_due(self, queue_id: str, forced: bool) -> None:
+        """
+        Put the entry in the line of each destination it has recipients to
+        try for (all pending ones if C{forced}), keeping any place it
+        already has, then start what the limits allow.
+        """
         entry = self.entries.get(queue_id)
         if entry is None or entry.held:
             return
-        self._due[queue_id] = self._due.get(queue_id, False) or forced
+        due = self._due.get(queue_id)
+        if due is None:
+            due = self._due[queue_id] = _Due(forced)
+        due.forced = due.forced or forced
+        for destination in self._groups(entry, due.forced):
+            if destination not in due.places:
+                place = next(self._places)
+                due.places[destination] = place
+                line = self._lines.setdefault(destination, deque())
+                line.append((place, queue_id))
+                if len(line) == 1:
+                    heapq.heappush(self._heads, (place, destination))
+        if not due.places:
+            del self._due[queue_id]
         self._pump()
+        # Recipients that are not due yet, in destinations it is not
+        # waiting for, need the timer.
+        self._reschedule(queue_id)
 
     # --- attempts ------------------------------------------------------------
 
-    def _groups(
+    def _destination(self, address: str) -> _Destination:
+        """Where C{address} is delivered: its transport and its domain."""
+        return (bool(self.is_local(address)), address.rpartition("@")[2].lower())
+
+    def _candidates(
         self, entry: QueueEntry, forced: bool
-    ) -> dict[tuple[bool, str], list[str]]:
-        """Due pending recipients not already being tried, by (local, domain)."""
+    ) -> Iterator[tuple[_Destination, str]]:
+        """Due pending recipients not already being tried, with their destination."""
         now = self.clock.seconds()
         flying = self._in_flight.get(entry.queue_id, set())
-        groups: dict[tuple[bool, str], list[str]] = {}
         for status in entry.pending:
             if status.address in flying:
                 continue
             if not forced and status.next_attempt > now + _EPSILON:
                 continue
-            domain = status.address.rpartition("@")[2].lower()
-            key = (bool(self.is_local(status.address)), domain)
-            groups.setdefault(key, []).append(status.address)
+            yield self._destination(status.address), status.address
+
+    def _groups(self, entry: QueueEntry, forced: bool) -> dict[_Destination, list[str]]:
+        """Due pending recipients not already being tried, by destination."""
+        groups: dict[_Destination, list[str]] = {}
+        for destination, address in self._candidates(entry, forced):
+            groups.setdefault(destination, []).append(address)
         return groups
 
     def _pump(self) -> None:
@@ -393,21 +466,56 @@ class QueueRunner(Service):
             self._pumping = False
 
     def _pump_once(self) -> None:
-        for queue_id, forced in list(self._due.items()):
-            entry = self.entries.get(queue_id)
-            if entry is None or entry.held:
-                self._due.pop(queue_id, None)
+        """
+        Start waiting groups, oldest first, while a slot is free in total.
+
+        Why this is cheap: C{_heads} holds the head of each line whose
+        domain had a free slot, so each step looks at one line only; a full
+        domain's head is dropped here and pushed again by the attempt that
+        frees a slot there.  Each step starts a group or throws away a
+        place or heap item made void since, which is paid for once, when
+        it was made.
+        """
+        while self._heads and self._active < self.max_concurrent:
+            place, destination = heapq.heappop(self._heads)
+            line = self._lines.get(destination)
+            if not line or line[0][0] != place:
                 continue
-            waiting = False
-            for (local, domain), recipients in self._groups(entry, forced).items():
-                if self._active >= self.max_concurrent:
-                    return
-                if self._per_destination[domain] >= self.max_per_destination:
-                    waiting = True
-                    continue
-                self._start(queue_id, local, domain, recipients)
-            if not waiting:
-                self._due.pop(queue_id, None)
+            if self._per_destination[destination[1]] >= self.max_per_destination:
+                continue
+            _, queue_id = line.popleft()
+            if line:
+                heapq.heappush(self._heads, (line[0][0], destination))
+            else:
+                del self._lines[destination]
+            recipients = self._take(queue_id, destination, place)
+            if recipients:
+                self._start(queue_id, destination[0], destination[1], recipients)
+
+    def _take(self, queue_id: str, destination: _Destination, place: int) -> list[str]:
+        """
+        Leave the line for C{destination} at C{place}: the entry's
+        recipients to try there now, none if the place was void.
+        """
+        due = self._due.get(queue_id)
+        if due is None or due.places.get(destination) != place:
+            return []
+        del due.places[destination]
+        if not due.places:
+            del self._due[queue_id]
+        entry = self.entries.get(queue_id)
+        if entry is None or entry.held:
+            return []
+        recipients = [
+            address
+            for where, address in self._candidates(entry, due.forced)
+            if where == destination
+        ]
+        if not recipients:
+            # Nothing due any more (the entry changed on disk): keep the
+            # timer right for whatever is left.
+            self._reschedule(queue_id)
+        return recipients
 
     def _start(
         self, queue_id: str, local: bool, domain: str, recipients: list[str]
@@ -437,6 +545,11 @@ class QueueRunner(Service):
             self._per_destination[domain] -= 1
             if not self._per_destination[domain]:
                 del self._per_destination[domain]
+            # A slot is free for this domain: its lines may move again.
+            for destination in ((False, domain), (True, domain)):
+                line = self._lines.get(destination)
+                if line:
+                    heapq.heappush(self._heads, (line[0][0], destination))
             flying = self._in_flight.get(queue_id, set())
             flying.difference_update(recipients)
             if not flying:
