@@ -54,7 +54,8 @@ def fill(new: Path, count: int) -> None:
             f"Subject: message {i}\nDate: Mon, 1 Jan 2024 00:00:00 +0000\n"
             f"Message-ID: <{i}@remote.example>\n\n" + "line of text\n" * 300
         ).encode()
-        name = unique_name("mail.example.test", len(body), len(body) + body.count(b"\n"))
+        crlf_size = len(body) + body.count(b"\n")
+        name = unique_name("mail.example.test", len(body), crlf_size)
         (new / name).write_bytes(body)
 
 
