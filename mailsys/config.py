@@ -737,7 +737,7 @@ def _limits(table: dict[str, Any]) -> LimitsSection:
 _ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "systemd")
 
 
-def _endpoint_parts(text: str) -> tuple[list[str], dict[str, str]]:
+def endpoint_parts(text: str) -> tuple[list[str], dict[str, str]]:
     """
     Split an endpoint string as Twisted does: on colons not escaped with a
     backslash, C{name=value} parts are keyword arguments.
@@ -769,7 +769,7 @@ def _endpoint_problem(text: str) -> tuple[str | None, tuple[Any, ...] | None]:
     """
     if _CONTROL.search(text):
         return "contains a control character", None
-    args, kwargs = _endpoint_parts(text)
+    args, kwargs = endpoint_parts(text)
     kind = args[0] if args else ""
     if kind not in _ENDPOINT_TYPES:
         return f"unsupported type {kind!r}: use {', '.join(_ENDPOINT_TYPES)}", None

@@ -46,7 +46,7 @@ from twisted.web.wsgi import WSGIResource
 
 from mailsys import limits
 from mailsys.addresses import AddressError, MailAddress, parse_address
-from mailsys.config import Config, ListenSection, _endpoint_parts
+from mailsys.config import Config, ListenSection, endpoint_parts
 
 log = Logger(namespace="mailsys.web")
 
@@ -113,7 +113,7 @@ def endpoint_port(endpoint: str) -> int | None:
     (C{"tcp:993:interface=::1"}, C{"ssl:port=993:..."}), or C{None} when it
     has none: port 0, C{systemd:} and C{unix:} endpoints.
     """
-    args, kwargs = _endpoint_parts(endpoint)
+    args, kwargs = endpoint_parts(endpoint)
     if not args or args[0] not in ("tcp", "tcp6", "ssl"):
         return None
     text = kwargs.get("port", args[1] if len(args) > 1 else "")
