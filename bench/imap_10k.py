@@ -28,16 +28,10 @@ from twisted.internet import reactor, task, threads  # noqa: E402
 from twisted.internet.defer import Deferred  # noqa: E402
 
 from mailsys.accounts import UserStore  # noqa: E402
-from mailsys.config import (  # noqa: E402
-    AuthSection,
-    Config,
-    ListenSection,
-    RelaySection,
-    ServerSection,
-    TLSSection,
-)
+from mailsys.config import AuthSection  # noqa: E402
 from mailsys.maildir import unique_name  # noqa: E402
 from mailsys.tap import build  # noqa: E402
+from mailsys.testing import loopback_config, start  # noqa: E402
 
 HEADERS = (
     "(UID RFC822.SIZE FLAGS BODY.PEEK[HEADER.FIELDS (From To Cc Bcc Subject Date "
@@ -88,14 +82,8 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=10_000)
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="mailsys-imap10k-"))
-    cfg = Config(
-        path=None,
-        server=ServerSection(hostname="mail.example.test", state_dir=state),
-        tls=TLSSection(cert=state / "tls" / "cert.pem", key=state / "tls" / "key.pem"),
-        listen=ListenSection(imap="tcp:0:interface=127.0.0.1"),
-        domains=("example.test",),
-        relay=RelaySection(resolver="127.0.0.1:53"),
-        auth=AuthSection(allow_plaintext_on_loopback=True),
+    cfg = loopback_config(
+        state, "imap", auth=AuthSection(allow_plaintext_on_loopback=True)
     )
     UserStore(cfg.users_file, cfg.domains).add("alice@example.test", "pw")
     fill(cfg.mail_dir / "example.test" / "alice" / "new", args.messages)
@@ -111,9 +99,7 @@ def main() -> None:
         return result
 
     async def run() -> None:
-        system.privilegedStartService()
-        system.startService()
-        port = (await system.getServiceNamed("imap").bound()).getHost().port
+        port = (await start(system, "imap"))["imap"]
         timings, size = await threads.deferToThread(load, port)
         await system.stopService()
         print(f"{args.messages} messages, {size / 1e6:.1f} MB of bodies, loopback")

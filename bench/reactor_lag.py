@@ -31,15 +31,9 @@ from twisted.internet import reactor, task, threads  # noqa: E402
 from twisted.internet.defer import Deferred  # noqa: E402
 
 from mailsys.accounts import UserStore  # noqa: E402
-from mailsys.config import (  # noqa: E402
-    AuthSection,
-    Config,
-    ListenSection,
-    RelaySection,
-    ServerSection,
-    TLSSection,
-)
+from mailsys.config import AuthSection  # noqa: E402
 from mailsys.tap import build  # noqa: E402
+from mailsys.testing import loopback_config, start  # noqa: E402
 
 TICK = 0.005
 
@@ -88,17 +82,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=200_000, help="bytes per message")
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="mailsys-lag-"))
-    cfg = Config(
-        path=None,
-        server=ServerSection(hostname="mail.example.test", state_dir=state),
-        tls=TLSSection(cert=state / "tls" / "cert.pem", key=state / "tls" / "key.pem"),
-        listen=ListenSection(
-            smtp="tcp:0:interface=127.0.0.1",
-            imap="tcp:0:interface=127.0.0.1",
-            pop3="tcp:0:interface=127.0.0.1",
-        ),
-        domains=("example.test",),
-        relay=RelaySection(resolver="127.0.0.1:53"),
+    cfg = loopback_config(
+        state,
+        "smtp",
+        "imap",
+        "pop3",
         auth=AuthSection(allow_plaintext_on_loopback=True),
     )
     UserStore(cfg.users_file, cfg.domains).add("alice@example.test", "pw")
@@ -126,11 +114,7 @@ def main() -> None:
         worker.join()
 
     async def run() -> None:
-        system.privilegedStartService()
-        system.startService()
-        ports = {}
-        for name in ("smtp", "imap", "pop3"):
-            ports[name] = (await system.getServiceNamed(name).bound()).getHost().port
+        ports = await start(system, "smtp", "imap", "pop3")
         heartbeat = task.LoopingCall(beat)
         heartbeat.start(TICK)
         started = time.perf_counter()

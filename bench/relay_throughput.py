@@ -31,8 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.smtp_delivery import free_port, twistd, wait_for  # noqa: E402
+from bench.smtp_delivery import twistd, wait_for  # noqa: E402
 from mailsys.accounts import UserStore  # noqa: E402
+from mailsys.testing import free_port  # noqa: E402
 
 
 def instance(work: Path, domain: str, listen: str, extra: str = "") -> Path:

@@ -28,11 +28,8 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 TWISTD = "from twisted.scripts.twistd import run; run()"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(PROJECT))
+from mailsys.testing import free_port  # noqa: E402
 
 
 def wait_for(port: int, proc: subprocess.Popen) -> None:
@@ -75,7 +72,6 @@ def start_mailsys(work: Path) -> tuple[subprocess.Popen, int, Path]:
         f'[domains]\nnames = ["example.test"]\n'
         f"[limits]\nmax_connections_per_client = 1000\n"
     )
-    sys.path.insert(0, str(PROJECT))
     from mailsys.accounts import UserStore
 
     UserStore(work / "state" / "users.json", ["example.test"]).add(

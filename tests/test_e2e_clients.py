@@ -12,17 +12,15 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from argon2 import PasswordHasher
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from mailsys.accounts import UserStore
-from mailsys.config import Config, ListenSection, RelaySection, ServerSection, TLSSection
 from mailsys.tap import build
+from mailsys.testing import CHEAP_HASHER, loopback_config, start
 
-CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 BODY = (
     b"From: bob@remote.example\nTo: alice@example.test\nSubject: clients\n\n"
     b".a line starting with a dot\nGr\xc3\xbc\xc3\x9fe\n\nlast line\n"
@@ -41,25 +39,13 @@ class ClientTests(TestCase):
     def setUp(self):
         self.state = Path(self.mktemp()).resolve()
         self.state.mkdir(parents=True)
-        cfg = Config(
-            path=None,
-            server=ServerSection(hostname="mail.example.test", state_dir=self.state),
-            tls=TLSSection(cert=self.state / "tls" / "cert.pem", key=self.state / "tls" / "key.pem"),
-            listen=ListenSection(
-                pop3="tcp:0:interface=127.0.0.1", imap="tcp:0:interface=127.0.0.1"
-            ),
-            domains=("example.test",),
-            relay=RelaySection(resolver="127.0.0.1:53"),
+        cfg = loopback_config(self.state, "pop3", "imap")
+        UserStore(cfg.users_file, cfg.domains, hasher=CHEAP_HASHER).add(
+            "alice@example.test", "pw 1"
         )
-        UserStore(cfg.users_file, cfg.domains, hasher=CHEAP).add("alice@example.test", "pw 1")
         self.system = build(cfg, reactor)
-        self.system.privilegedStartService()
-        self.system.startService()
         self.addCleanup(self.system.stopService)
-        self.ports = {}
-        for name in ("pop3", "imap"):
-            port = yield self.system.getServiceNamed(name).bound()
-            self.ports[name] = port.getHost().port
+        self.ports = yield start(self.system, "pop3", "imap")
         [self.delivered] = self.system.store.deliver(
             ["alice@example.test"], io.BytesIO(BODY), b"Received: test\n"
         )

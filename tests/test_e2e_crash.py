@@ -16,7 +16,6 @@ import time
 from email.message import EmailMessage
 from pathlib import Path
 
-from argon2 import PasswordHasher
 from twisted.internet import reactor, task
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
@@ -25,19 +24,10 @@ from twisted.trial.unittest import TestCase
 from mailsys.accounts import UserStore
 from mailsys.config import LimitsSection
 from mailsys.smtp.server import ESMTPServerFactory
-from mailsys.testing import MemoryDelivery
+from mailsys.testing import CHEAP_HASHER, MemoryDelivery, free_port
 
 PROJECT = Path(__file__).resolve().parent.parent
 TWISTD = "from twisted.scripts.twistd import run; run()"
-CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -67,7 +57,7 @@ class KillTests(TestCase):
             f'[relay]\nroutes = {{ "b.test" = "127.0.0.1:{self.sink_port}" }}\n'
             'resolver = "127.0.0.1:53"\nretry_initial = 1\nretry_max = 1\n'
         )
-        UserStore(self.work / "state" / "users.json", ["a.test"], hasher=CHEAP).add(
+        UserStore(self.work / "state" / "users.json", ["a.test"], hasher=CHEAP_HASHER).add(
             "alice@a.test", "pw"
         )
         self.procs: list[subprocess.Popen] = []

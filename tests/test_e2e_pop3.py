@@ -13,7 +13,6 @@ import poplib
 import ssl
 from pathlib import Path
 
-from argon2 import PasswordHasher
 from twisted.cred.portal import Portal
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
@@ -23,9 +22,9 @@ from twisted.trial.unittest import TestCase
 from mailsys.accounts import MailRealm, MailUser, PasswordChecker, UserStore
 from mailsys.maildir import MaildirStore
 from mailsys.pop3 import POP3Mailbox, POP3ServerFactory, pop3_avatar, uidl_for
+from mailsys.testing import CHEAP_HASHER, RecordsSessionEnds
 from mailsys.tls import ServerTLS, ensure_certificate
 
-CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 ALICE = "alice@example.test"
 SECRET = "s3cret pass"
 
@@ -36,25 +35,8 @@ DOTTED = (
 )
 
 
-class RecordingFactory(POP3ServerFactory):
+class RecordingFactory(RecordsSessionEnds, POP3ServerFactory):
     """Remembers when each session has really ended, for a clean teardown."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.ended: list[defer.Deferred] = []
-
-    def buildProtocol(self, addr):
-        proto = super().buildProtocol(addr)
-        ended: defer.Deferred = defer.Deferred()
-        self.ended.append(ended)
-        lost = proto.connectionLost
-
-        def connectionLost(reason=None):
-            lost(reason)
-            ended.callback(None)
-
-        proto.connectionLost = connectionLost
-        return proto
 
 
 class POP3EndToEndTests(TestCase):
@@ -69,7 +51,7 @@ class POP3EndToEndTests(TestCase):
         tls = ServerTLS(cert, key)
         tls.load()
         self.context = ssl.create_default_context(cafile=str(cert))
-        users = UserStore(state / "users.json", ["example.test"], hasher=CHEAP)
+        users = UserStore(state / "users.json", ["example.test"], hasher=CHEAP_HASHER)
         users.add(ALICE, SECRET)
         self.store = MaildirStore(self.mail_dir, "mail.example.test")
         portal = Portal(

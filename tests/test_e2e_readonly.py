@@ -10,25 +10,15 @@ import io
 import ssl
 from pathlib import Path
 
-from argon2 import PasswordHasher
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from mailsys.accounts import UserStore
-from mailsys.config import (
-    AuthSection,
-    Config,
-    IMAPSection,
-    ListenSection,
-    RelaySection,
-    ServerSection,
-    TLSSection,
-)
+from mailsys.config import AuthSection, IMAPSection
 from mailsys.tap import build
-
-CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+from mailsys.testing import CHEAP_HASHER, loopback_config, settle, start
 
 
 class ReadOnlyListenerTests(TestCase):
@@ -36,27 +26,19 @@ class ReadOnlyListenerTests(TestCase):
     def setUp(self):
         state = Path(self.mktemp()).resolve()
         state.mkdir(parents=True)
-        cfg = Config(
-            path=None,
-            server=ServerSection(hostname="mail.example.test", state_dir=state),
-            tls=TLSSection(cert=state / "tls" / "cert.pem", key=state / "tls" / "key.pem"),
-            listen=ListenSection(
-                imap="tcp:0:interface=127.0.0.1", imaps="tcp:0:interface=127.0.0.1"
-            ),
-            domains=("example.test",),
-            relay=RelaySection(resolver="127.0.0.1:53"),
+        cfg = loopback_config(
+            state,
+            "imap",
+            "imaps",
             auth=AuthSection(allow_plaintext_on_loopback=True),
             imaps=IMAPSection(read_only=True),
         )
-        UserStore(cfg.users_file, cfg.domains, hasher=CHEAP).add("alice@example.test", "pw")
+        UserStore(cfg.users_file, cfg.domains, hasher=CHEAP_HASHER).add(
+            "alice@example.test", "pw"
+        )
         self.system = build(cfg, reactor)
-        self.system.privilegedStartService()
-        self.system.startService()
         self.addCleanup(self.system.stopService)
-        self.ports = {}
-        for name in ("imap", "imaps"):
-            port = yield self.system.getServiceNamed(name).bound()
-            self.ports[name] = port.getHost().port
+        self.ports = yield start(self.system, "imap", "imaps")
         self.system.store.deliver(["alice@example.test"], io.BytesIO(b"Subject: x\n\nbody\n"))
         self.cert = cfg.tls.cert
 
@@ -89,7 +71,4 @@ class ReadOnlyListenerTests(TestCase):
         self.assertEqual(store[0], "NO")
         self.assertEqual(ok[0], "OK")
         # Let the server see both connections close before the test ends.
-        for _ in range(100):
-            if not any(self.system.getServiceNamed(n).factory.protocols for n in self.ports):
-                break
-            yield task.deferLater(reactor, 0.02, lambda: None)
+        yield settle(reactor, self.system)

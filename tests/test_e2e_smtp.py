@@ -18,29 +18,24 @@ import time
 from email.message import EmailMessage
 from pathlib import Path
 
-from argon2 import PasswordHasher
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from mailsys.accounts import UserStore
-from mailsys.config import Config, ListenSection, ServerSection, TLSSection
+from mailsys.config import Config
 from mailsys.tap import build
+from mailsys.testing import CHEAP_HASHER, free_port, loopback_config, start
 
 PROJECT = Path(__file__).resolve().parent.parent
 # twistd itself, run by the interpreter running the tests.
 TWISTD = "from twisted.scripts.twistd import run; run()"
-CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-
-
 def make_config(state: Path) -> Config:
-    return Config(
+    return loopback_config(
+        state,
+        "smtp",
         path=state / "mailsys.toml",
-        server=ServerSection(hostname="mail.example.test", state_dir=state),
-        tls=TLSSection(cert=state / "tls" / "cert.pem", key=state / "tls" / "key.pem"),
-        listen=ListenSection(smtp="tcp:0:interface=127.0.0.1"),
-        domains=("example.test",),
         aliases={"postmaster@example.test": ("alice@example.test",)},
     )
 
@@ -62,15 +57,12 @@ class ServiceTests(TestCase):
         self.state = Path(self.mktemp()).resolve()
         self.state.mkdir(parents=True)
         self.config = make_config(self.state)
-        UserStore(self.config.users_file, self.config.domains, hasher=CHEAP).add(
+        UserStore(self.config.users_file, self.config.domains, hasher=CHEAP_HASHER).add(
             "alice@example.test", "secret"
         )
         self.service = build(self.config, reactor)
-        self.service.privilegedStartService()
-        self.service.startService()
         self.addCleanup(self.service.stopService)
-        port = yield self.service.getServiceNamed("smtp").bound()
-        self.port = port.getHost().port
+        self.port = (yield start(self.service, "smtp"))["smtp"]
 
     def inbox(self) -> list[Path]:
         new = self.state / "mail" / "example.test" / "alice" / "new"
@@ -217,12 +209,6 @@ class ServiceTests(TestCase):
         self.assertIn(b"Subject: via curl", path.read_bytes())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class TwistdTests(SynchronousTestCase):
     """The start command of the contract: C{twistd -n mailsys --config FILE}."""
 
@@ -260,7 +246,7 @@ class TwistdTests(SynchronousTestCase):
             f'[listen]\nsmtp = "tcp:{port}:interface=127.0.0.1"\n'
             f'[domains]\nnames = ["example.test"]\n'
         )
-        UserStore(cwd / "state" / "users.json", ["example.test"], hasher=CHEAP).add(
+        UserStore(cwd / "state" / "users.json", ["example.test"], hasher=CHEAP_HASHER).add(
             "alice@example.test", "pw"
         )
         proc = self.twistd("--config", "mailsys.toml", cwd=cwd)
@@ -300,7 +286,7 @@ class ReloadTests(SynchronousTestCase):
         path = state / "mailsys.toml"
         base = '[server]\nstate_dir = "."\n[domains]\nnames = ["example.test"]\n'
         path.write_text(base)
-        UserStore(state / "users.json", ["example.test"], hasher=CHEAP).add("alice@example.test", "pw")
+        UserStore(state / "users.json", ["example.test"], hasher=CHEAP_HASHER).add("alice@example.test", "pw")
         service = build(configuration.load(path), reactor)
         reload = service.getServiceNamed("reload").reload
         the_router = service.router

@@ -8,53 +8,42 @@ exchange mail.
 from __future__ import annotations
 
 import smtplib
-import socket
 import ssl
 from email.message import EmailMessage
 from pathlib import Path
 
-from argon2 import PasswordHasher
 from twisted.internet import reactor, task
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from mailsys.accounts import UserStore
-from mailsys.config import (
-    AuthSection,
-    Config,
-    ListenSection,
-    RelaySection,
-    ServerSection,
-    TLSSection,
-)
+from mailsys.config import Config, ListenSection, RelaySection, ServerSection
 from mailsys.tap import build
-
-CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mailsys.testing import (
+    CHEAP_HASHER,
+    LOOPBACK_ANY_PORT,
+    free_port,
+    loopback_config,
+    settle,
+    start,
+)
 
 
 def instance(state: Path, domain: str, smtp_port: int, routes: dict[str, str]) -> Config:
     state.mkdir(parents=True)
-    return Config(
-        path=None,
+    return loopback_config(
+        state,
         server=ServerSection(hostname=f"mail.{domain}", state_dir=state),
-        tls=TLSSection(cert=state / "tls" / "cert.pem", key=state / "tls" / "key.pem"),
         listen=ListenSection(
             smtp=f"tcp:{smtp_port}:interface=127.0.0.1",
-            submission="tcp:0:interface=127.0.0.1",
-            submissions="tcp:0:interface=127.0.0.1",
+            submission=LOOPBACK_ANY_PORT,
+            submissions=LOOPBACK_ANY_PORT,
         ),
         domains=(domain,),
         aliases={f"sales@{domain}": (f"alice@{domain}",)},
         # Routes cover every foreign domain here; the resolver is never asked.
         relay=RelaySection(routes=routes, resolver="127.0.0.1:53"),
-        auth=AuthSection(allow_plaintext_on_loopback=False),
     )
 
 
@@ -81,17 +70,15 @@ class TwoInstancesTests(TestCase):
             ("b.test", port_b, port_a, "a.test"),
         ):
             cfg = instance(root / domain, domain, mine, {other: f"127.0.0.1:{theirs}"})
-            users = UserStore(cfg.users_file, cfg.domains, hasher=CHEAP)
+            users = UserStore(cfg.users_file, cfg.domains, hasher=CHEAP_HASHER)
             users.add(f"alice@{domain}", "alice-pw")
             users.add(f"bob@{domain}", "bob-pw")
             system = build(cfg, reactor)
-            system.privilegedStartService()
-            system.startService()
             self.addCleanup(system.stopService)
             self.systems[domain] = system
-            for name in ("submission", "submissions"):
-                port = yield system.getServiceNamed(name).bound()
-                self.ports[domain, name] = port.getHost().port
+            ports = yield start(system, "submission", "submissions")
+            for name, port in ports.items():
+                self.ports[domain, name] = port
         yield gatherResults([s.getServiceNamed("queue").ready for s in self.systems.values()])
 
     def inbox(self, domain: str, user: str) -> list[Path]:
@@ -109,15 +96,7 @@ class TwoInstancesTests(TestCase):
             yield task.deferLater(reactor, 0.05, lambda: None)
         else:
             self.fail(f"no mail for {user}@{domain}")
-        for _ in range(200):
-            if not any(
-                listener.factory.protocols
-                for system in self.systems.values()
-                for listener in system
-                if hasattr(listener, "bound")
-            ):
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield settle(reactor, *self.systems.values())
         return found
 
     def context(self, domain: str) -> ssl.SSLContext:

@@ -15,7 +15,6 @@ import ssl
 import time
 from pathlib import Path
 
-from argon2 import PasswordHasher
 from twisted.cred.portal import Portal
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
@@ -24,9 +23,9 @@ from twisted.trial.unittest import TestCase
 from mailsys.accounts import MailRealm, PasswordChecker, UserStore
 from mailsys.imap import IIMAPAccount, IMAPServerFactory, imap_avatar
 from mailsys.maildir import Mailbox, MaildirStore
+from mailsys.testing import CHEAP_HASHER, RecordsSessionEnds
 from mailsys.tls import ServerTLS, ensure_certificate
 
-CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 ALICE = "alice@example.test"
 SECRET = "s3cret pass"
 
@@ -47,25 +46,8 @@ HEADER_FIELDS = (
 )
 
 
-class RecordingFactory(IMAPServerFactory):
+class RecordingFactory(RecordsSessionEnds, IMAPServerFactory):
     """Remembers when each session has really ended, for a clean teardown."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.ended: list[defer.Deferred] = []
-
-    def buildProtocol(self, addr):
-        proto = super().buildProtocol(addr)
-        ended: defer.Deferred = defer.Deferred()
-        self.ended.append(ended)
-        lost = proto.connectionLost
-
-        def connectionLost(reason=None):
-            lost(reason)
-            ended.callback(None)
-
-        proto.connectionLost = connectionLost
-        return proto
 
 
 def raw_command(client: imaplib.IMAP4, name: str, line: bytes) -> tuple[str, list]:
@@ -96,7 +78,7 @@ class IMAPEndToEndTests(TestCase):
         tls = ServerTLS(cert, key)
         tls.load()
         self.context = ssl.create_default_context(cafile=str(cert))
-        users = UserStore(state / "users.json", ["example.test"], hasher=CHEAP)
+        users = UserStore(state / "users.json", ["example.test"], hasher=CHEAP_HASHER)
         users.add(ALICE, SECRET)
         self.store = MaildirStore(self.mail_dir, "mail.example.test")
         portal = Portal(

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 
-from argon2 import PasswordHasher
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
@@ -30,9 +29,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailsys.accounts import UserStore
 from mailsys.metrics import MailMetrics, refusal_reason
+from mailsys.testing import CHEAP_HASHER
 from tests.test_web import RunningInstance, instance_config
-
-CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -180,7 +178,7 @@ class ScrapeAfterTrafficTests(TestCase):
         config = instance_config(self.state)
         plain_pop3 = dataclasses.replace(config.listen, pop3="tcp:0:interface=127.0.0.1")
         config = dataclasses.replace(config, listen=plain_pop3)
-        UserStore(config.users_file, config.domains, hasher=CHEAP).add(
+        UserStore(config.users_file, config.domains, hasher=CHEAP_HASHER).add(
             "alice@example.test", "secret"
         )
         self.system, self.ports = yield RunningInstance().start(self, config)

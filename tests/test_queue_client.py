@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from twisted.internet import defer, reactor
+from twisted.internet.error import TimeoutError as ConnectingTimeoutError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.internet.error import TimeoutError as ConnectingTimeoutError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.names.client import Resolver as DNSClientResolver
 from twisted.names.hosts import Resolver as HostsResolver
@@ -30,13 +30,13 @@ from zope.interface.verify import verifyObject
 
 from mailsys.config import LimitsSection
 from mailsys.queue.client import (
+    _TLS_MAY,
+    _TLS_OFF,
     SMTPTransport,
     Timeouts,
     _Hop,
     _Job,
     _Session,
-    _TLS_MAY,
-    _TLS_OFF,
     _WireEncoder,
     make_resolver,
 )

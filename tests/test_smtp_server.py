@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase

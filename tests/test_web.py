@@ -36,8 +36,9 @@ from twisted.web.http_headers import Headers
 
 from mailsys import limits, web
 from mailsys.addresses import parse_address
-from mailsys.config import AuthSection, Config, ListenSection, ServerSection, TLSSection
+from mailsys.config import AuthSection, Config, ListenSection, ServerSection
 from mailsys.tap import build
+from mailsys.testing import loopback_config, start
 
 HOST = "mail.example.test"
 ALL_ON = ListenSection(
@@ -513,20 +514,17 @@ def fetch(url: str, method: bytes = b"GET", body: bytes | None = None):
 
 def instance_config(state: Path) -> Config:
     """Every listener but plain POP3 on loopback port 0, and http."""
-    loopback = "tcp:0:interface=127.0.0.1"
-    return Config(
+    return loopback_config(
+        state,
+        "smtp",
+        "submission",
+        "submissions",
+        "imap",
+        "imaps",
+        "pop3s",
+        "http",
         path=state / "mailsys.toml",
         server=ServerSection(hostname=HOST, state_dir=state),
-        tls=TLSSection(cert=state / "tls" / "cert.pem", key=state / "tls" / "key.pem"),
-        listen=ListenSection(
-            smtp=loopback,
-            submission=loopback,
-            submissions=loopback,
-            imap=loopback,
-            imaps=loopback,
-            pop3s=loopback,
-            http=loopback,
-        ),
         domains=("example.test", "example.org"),
         auth=AuthSection(allow_plaintext_on_loopback=True),
     )
@@ -538,13 +536,8 @@ class RunningInstance:
     @inlineCallbacks
     def start(self, case: TestCase, config: Config):
         system = build(config, reactor)
-        system.privilegedStartService()
-        system.startService()
         case.addCleanup(system.stopService)
-        ports = {}
-        for name in config.listen.enabled():
-            port = yield system.getServiceNamed(name).bound()
-            ports[name] = port.getHost().port
+        ports = yield start(system, *config.listen.enabled())
         return system, ports
 
 

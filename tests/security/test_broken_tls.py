@@ -11,20 +11,14 @@ import smtplib
 import socket
 from pathlib import Path
 
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from mailsys.config import (
-    Config,
-    ListenSection,
-    RelaySection,
-    ServerSection,
-    TLSSection,
-)
 from mailsys.tap import build
+from mailsys.testing import loopback_config, settle, start
 
 LISTENERS = ("smtp", "submissions", "imap", "imaps", "pop3", "pop3s")
 # What each plain-text listener needs before the client may start TLS.
@@ -40,26 +34,10 @@ class BrokenTLSTests(TestCase):
     def setUp(self):
         state = Path(self.mktemp()).resolve()
         state.mkdir(parents=True)
-        cfg = Config(
-            path=None,
-            server=ServerSection(hostname="mail.example.test", state_dir=state),
-            tls=TLSSection(
-                cert=state / "tls" / "cert.pem", key=state / "tls" / "key.pem"
-            ),
-            listen=ListenSection(
-                **{name: "tcp:0:interface=127.0.0.1" for name in LISTENERS}
-            ),
-            domains=("example.test",),
-            relay=RelaySection(resolver="127.0.0.1:53"),
-        )
+        cfg = loopback_config(state, *LISTENERS)
         self.system = build(cfg, reactor)
-        self.system.privilegedStartService()
-        self.system.startService()
         self.addCleanup(self.system.stopService)
-        self.ports = {}
-        for name in LISTENERS:
-            port = yield self.system.getServiceNamed(name).bound()
-            self.ports[name] = port.getHost().port
+        self.ports = yield start(self.system, *LISTENERS)
 
     @inlineCallbacks
     def test_garbage_instead_of_handshake(self):
@@ -102,12 +80,7 @@ class BrokenTLSTests(TestCase):
                 return client.noop()[0]
 
         self.assertEqual((yield deferToThread(still_serving)), 250)
-        for _ in range(100):
-            if not any(
-                self.system.getServiceNamed(n).factory.protocols for n in LISTENERS
-            ):
-                break
-            yield task.deferLater(reactor, 0.02, lambda: None)
+        yield settle(reactor, self.system)
         # Each broken handshake is one disconnect line saying why.
         failed = [e for e in events if " TLS failed: " in e]
         self.assertEqual(len(failed), len(LISTENERS), events)
